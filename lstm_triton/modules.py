@@ -1,0 +1,224 @@
+"""``LSTM`` and ``LSTMCell``: drop-in replacements for ``torch.nn.LSTM`` / ``torch.nn.LSTMCell``.
+
+Same constructor, parameters (names, order, shapes, init), ``state_dict``, shapes and error messages as
+the torch modules; the recurrence runs on the fused Triton kernels (:mod:`lstm_triton.ops`) wherever they
+can run (CUDA, or CPU under ``TRITON_INTERPRET=1``), and on PyTorch's own CPU LSTM (``torch._VF``) elsewhere.
+
+``LSTM`` derives from ``nn.RNNBase`` with mode "LSTM" — not from ``nn.LSTM``, which TorchDynamo refuses to
+trace — so it inherits the parameter registration, ``all_weights``, ``_flat_weights``, pickling and
+DataParallel support of the torch module, and compiles with ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, _VF, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .ops import lstm_layer, triton_enabled
+
+__all__ = ["LSTM", "LSTMCell"]
+
+
+def _check_same_device(input: Tensor, params, hidden) -> None:
+    # ATen's messages (RNN.cpp check_attributes / check_rnn_cell_forward_hidden), raised before any kernel.
+    for p in params:
+        if p is not None and p.device != input.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{input.device} and parameter tensor at {p.device}"
+            )
+    for h in hidden:
+        if h.device != input.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {h.device}"
+            )
+
+
+def _check_hidden_dtype(input: Tensor, hidden) -> None:
+    # torch leaks a backend error here (e.g. "get_mkldnn_dtype: unsupported data type"); we say what is wrong.
+    for idx, h in enumerate(hidden):
+        if h.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+            raise RuntimeError(
+                f"LSTM: hx[{idx}] dtype ({h.dtype}) does not match input dtype ({input.dtype})"
+            )
+
+
+class LSTM(nn.RNNBase):
+    r"""Multi-layer LSTM on fused Triton kernels; a drop-in for :class:`torch.nn.LSTM`.
+
+    ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0, device=None, dtype=None)``
+
+    Shapes (L = sequence length, N = batch, D = 2 if bidirectional else 1, P = proj_size or hidden_size):
+        input [L, N, input_size] ([N, L, input_size] with batch_first, [L, input_size] unbatched, or a
+        PackedSequence); hx = (h_0 [D·num_layers, N, P], c_0 [D·num_layers, N, hidden_size]) or None.
+        Returns (output [L, N, D·P], (h_n, c_n)) shaped like hx.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    # The hidden-state checks and permutations are torch.nn.LSTM's own, so messages stay identical.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def flatten_parameters(self) -> None:
+        """No-op: the fused kernels read the parameters where they are (cuDNN's flat buffer is not used)."""
+
+    def _uses_triton(self, input: Tensor, packed: bool) -> bool:
+        return triton_enabled(input) and not packed and self.proj_size == 0 and not torch.jit.is_scripting()
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        orig_input = input
+        batch_sizes = None
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(orig_input, PackedSequence)
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            is_batched = True
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            sorted_indices = unsorted_indices = None
+
+        if hx is None:
+            shape = (self.num_layers * num_directions, max_batch_size)
+            hx = (
+                torch.zeros(*shape, real_hidden_size, dtype=input.dtype, device=input.device),
+                torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device),
+            )
+            if not packed:
+                self.check_forward_args(input, hx, batch_sizes)
+        elif packed:
+            hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            if is_batched:
+                if hx[0].dim() != 3 or hx[1].dim() != 3:
+                    raise RuntimeError(
+                        "For batched 3-D input, hx and cx should also be 3-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    )
+            else:
+                if hx[0].dim() != 2 or hx[1].dim() != 2:
+                    raise RuntimeError(
+                        "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    )
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            self.check_forward_args(input, hx, batch_sizes)
+        _check_same_device(input, self._flat_weights, hx)
+        _check_hidden_dtype(input, hx)
+
+        if self._uses_triton(input, packed):
+            output, hidden = self._forward_triton(input, hx)
+        elif packed:
+            result = _VF.lstm(input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
+                              self.dropout, self.training, self.bidirectional)
+            output, hidden = result[0], result[1:]
+        else:
+            result = _VF.lstm(input, hx, self._flat_weights, self.bias, self.num_layers,
+                              self.dropout, self.training, self.bidirectional, self.batch_first)
+            output, hidden = result[0], result[1:]
+
+        if packed:
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
+                hidden, unsorted_indices
+            )
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+    def _forward_triton(self, input: Tensor, hx: tuple[Tensor, Tensor]):
+        """Stacked layers and directions on :func:`lstm_layer`; input is [L, N, F] or [N, L, F] (batch_first)."""
+        x = input.transpose(0, 1) if self.batch_first else input
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        num_directions = 2 if self.bidirectional else 1
+        weights_per_layer = len(self._flat_weights) // (self.num_layers * num_directions)
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(num_directions):
+                idx = layer * num_directions + direction
+                w = self._flat_weights[idx * weights_per_layer:(idx + 1) * weights_per_layer]
+                b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+                # The reverse direction is the forward recurrence over the time-reversed sequence.
+                x_dir = x if direction == 0 else x.flip(0)
+                y, h, c = lstm_layer(x_dir, hx[0][idx], hx[1][idx], w[0], w[1], b_ih, b_hh)
+                outs.append(y if direction == 0 else y.flip(0))
+                h_n.append(h)
+                c_n.append(c)
+            x = torch.cat(outs, dim=-1) if num_directions == 2 else outs[0]
+            if layer < self.num_layers - 1 and self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+        output = x.transpose(0, 1) if self.batch_first else x
+        return output, (torch.stack(h_n), torch.stack(c_n))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return torch.empty(0, dtype=dtype).type().split(".")[-1].replace("Tensor", "")
+
+
+class LSTMCell(nn.LSTMCell):
+    r"""One LSTM step on the fused Triton kernel; a drop-in for :class:`torch.nn.LSTMCell`.
+
+    ``LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None)``
+
+    Shapes: input [N, input_size] or [input_size]; hx = (h [N, H], c [N, H]) (or 1-D for 1-D input) or None.
+    Returns (h_1, c_1) shaped like hx.
+    """
+
+    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        if not triton_enabled(input) or torch.jit.is_scripting():
+            return super().forward(input, hx)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check_forward(input, hx)
+        y, h, c = lstm_layer(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not is_batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _check_forward(self, input: Tensor, hx: tuple[Tensor, Tensor]) -> None:
+        # ATen's check_rnn_cell_forward_input / _hidden messages, verbatim.
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for idx, h in enumerate(hx):
+            if input.size(0) != h.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{idx} batch size {h.size(0)}")
+            if h.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, expected {self.hidden_size}"
+                )
+        _check_same_device(input, (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh), hx)
+        for t in (*hx, self.weight_ih):
+            if t.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+                raise RuntimeError(
+                    f"mat1 and mat2 must have the same dtype, but got {_dtype_name(input.dtype)} and {_dtype_name(t.dtype)}"
+                )
