@@ -80,3 +80,17 @@ def cell_backward(dh, dc, act, c, c_prev, BLOCK_B: tl.constexpr, BLOCK_H: tl.con
     d_g = dc * i * (1.0 - g * g)
     d_o = dh * tc * o * (1.0 - o)
     return join_gates(d_i, d_f, d_g, d_o, BLOCK_B, BLOCK_H), dc * f
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a·b with the accumulator's dtype.
+
+    UPCAST is set only under the interpreter for bfloat16: triton's interpreter multiplies bfloat16 tiles
+    as their raw uint16 bits. Products of bfloat16 values are exact in float32, so the upcast computes what
+    the tensor cores compute (up to summation order).
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)

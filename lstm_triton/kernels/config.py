@@ -4,6 +4,7 @@ Dimension legend: B batch, H hidden units; HP = H rounded up to a power of two (
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class LSTMKernelConfig:
     num_warps: int
     num_stages: int
     dot_precision: str  # "ieee" | "tf32"
+    upcast_dot: bool  # bfloat16 under the interpreter: see kernels/_gates.py:mma
 
 
 def padded_hidden(H: int) -> int:
@@ -53,8 +55,9 @@ def select_config(B: int, H: int, dtype: torch.dtype, allow_tf32: bool = False, 
     if path not in PATHS:
         raise ValueError(f"unknown LSTM kernel path {path!r}; expected 'auto' or one of {PATHS}")
     precision = dot_precision(dtype, allow_tf32)
+    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
     if path == "persistent":
         HP = padded_hidden(H)
-        return LSTMKernelConfig("persistent", 16, HP, HP, 4 if HP <= 32 else 8, 1, precision)
+        return LSTMKernelConfig("persistent", 16, HP, HP, 4 if HP <= 32 else 8, 1, precision, upcast)
     block_h = 16 if H <= 256 else 32
-    return LSTMKernelConfig("stepwise", 16, block_h, 32 if dtype == torch.float64 else 64, 4, 2, precision)
+    return LSTMKernelConfig("stepwise", 16, block_h, 32 if dtype == torch.float64 else 64, 4, 2, precision, upcast)

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gates import cell_backward
+from ._buffers import new_output
+from ._gates import cell_backward, mma
 from .config import LSTMKernelConfig
 
 
@@ -33,7 +34,7 @@ def _lstm_bwd_persistent_kernel(
     dy_ptr, dhn_ptr, dcn_ptr, gates_ptr, cs_ptr, w_ptr,
     dgates_ptr, dh0_ptr, dc0_ptr,
     T, B, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     acc_ty = dgates_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -62,7 +63,7 @@ def _lstm_bwd_persistent_kernel(
         c_prev = tl.load(cs_t - B * H, mask=m_h, other=0.0)
         dgates, dc = cell_backward(dh, dc, act, c, c_prev, BLOCK_B, BLOCK_H)
         tl.store(dgates_t, dgates, mask=m_g)
-        dh = tl.dot(dgates.to(w.dtype), w, input_precision=DOT_PRECISION, out_dtype=acc_ty)
+        dh = mma(dgates.to(w.dtype), w, tl.zeros_like(dh), DOT_PRECISION, UPCAST_DOT)
         dy_t -= B * H
         gates_t -= B * 4 * H
         dgates_t -= B * 4 * H
@@ -77,7 +78,7 @@ def _lstm_bwd_step_kernel(
     dgates_ptr,
     B, H,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    LAST_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LAST_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # Pointers are offset to step t: dy [B, H], dgates_next = dgates_{t+1} [B, G], gates/dgates [B, G],
     # c = c_t, c_prev = c_{t-1} [B, H]; dc [B, H] carries dc across launches (each program its own units).
@@ -103,7 +104,7 @@ def _lstm_bwd_step_kernel(
             dg_k = tl.load(dgates_next_ptr + rb[:, None] * (4 * H) + rk[None, :],
                            mask=mb[:, None] & mk[None, :], other=0.0)
             w_k = tl.load(w_ptr + rk[:, None] * H + rh[None, :], mask=mk[:, None] & (rh < H)[None, :], other=0.0)
-            dh = tl.dot(dg_k.to(w_k.dtype), w_k, dh, input_precision=DOT_PRECISION)
+            dh = mma(dg_k.to(w_k.dtype), w_k, dh, DOT_PRECISION, UPCAST_DOT)
     act = tl.load(gates_ptr + off_g, mask=m_g, other=0.0)
     c = tl.load(c_ptr + off_h, mask=m_h, other=0.0)
     c_prev = tl.load(c_prev_ptr + off_h, mask=m_h, other=0.0)
@@ -134,13 +135,13 @@ def lstm_bwd(
     H = G // 4
     acc = gates.dtype
     dy, dh_n, dc_n = dy.contiguous(), dh_n.contiguous(), dc_n.contiguous()
-    dgates = torch.empty_like(gates)
+    dgates = new_output(T, B, G, device=gates.device, dtype=acc)
     if config.path == "persistent":
-        dh0 = torch.empty(B, H, device=gates.device, dtype=acc)
-        dc0 = torch.empty(B, H, device=gates.device, dtype=acc)
+        dh0 = new_output(B, H, device=gates.device, dtype=acc)
+        dc0 = new_output(B, H, device=gates.device, dtype=acc)
         _lstm_bwd_persistent_kernel[(triton.cdiv(B, config.block_b),)](
             dy[T - 1], dh_n, dc_n, gates[T - 1], cs[T], w_hh, dgates[T - 1], dh0, dc0, T, B, H,
-            BLOCK_B=config.block_b, BLOCK_H=config.block_h, DOT_PRECISION=config.dot_precision,
+            BLOCK_B=config.block_b, BLOCK_H=config.block_h, DOT_PRECISION=config.dot_precision, UPCAST_DOT=config.upcast_dot,
             num_warps=config.num_warps, num_stages=1,
         )
         return dgates, dh0, dc0
@@ -152,7 +153,7 @@ def lstm_bwd(
         _lstm_bwd_step_kernel[grid](
             dy[t], dgates[t] if last else dgates[t + 1], dh_n, dc, gates[t], cs[t + 1], cs[t], w_hh, dgates[t], B, H,
             BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
-            LAST_STEP=last, DOT_PRECISION=config.dot_precision,
+            LAST_STEP=last, DOT_PRECISION=config.dot_precision, UPCAST_DOT=config.upcast_dot,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     # dh0 = dgates_0 · W_hh, rounded like every in-loop product (dgates in the weight dtype).

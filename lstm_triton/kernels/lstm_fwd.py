@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gates import cell_forward
+from ._buffers import new_output
+from ._gates import cell_forward, mma
 from .config import LSTMKernelConfig
 
 
@@ -42,7 +43,7 @@ def _lstm_fwd_persistent_kernel(
     y_ptr, hn_ptr, cn_ptr, gates_ptr, cs_ptr,
     T, B, H,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     acc_ty = cs_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -68,7 +69,7 @@ def _lstm_fwd_persistent_kernel(
     cs_t = cs_ptr + B * H + off_h
     for _ in range(T):
         pre = tl.load(gx_t, mask=m_g, other=0.0).to(acc_ty)
-        pre = tl.dot(h, w_t, pre, input_precision=DOT_PRECISION)
+        pre = mma(h, w_t, pre, DOT_PRECISION, UPCAST_DOT)
         act, c, h = cell_forward(pre, c, BLOCK_B, BLOCK_H)
         # The next step consumes h rounded to the input dtype, exactly as the stepwise path reads it back.
         h = h.to(w_t.dtype)
@@ -91,6 +92,7 @@ def _lstm_fwd_step_kernel(
     B, H,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     SAVE_GATES: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     # Pointers are already offset to step t: gx [B, G], h_prev/y [B, H], c_prev/c [B, H], gates [B, G].
     acc_ty = c_ptr.dtype.element_ty
@@ -110,7 +112,7 @@ def _lstm_fwd_step_kernel(
         mk = rk < H
         h_k = tl.load(h_prev_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
         w_k = tl.load(w_ptr + rg[None, :] * H + rk[:, None], mask=mk[:, None] & (rg < 4 * H)[None, :], other=0.0)
-        pre = tl.dot(h_k, w_k, pre, input_precision=DOT_PRECISION)
+        pre = mma(h_k, w_k, pre, DOT_PRECISION, UPCAST_DOT)
     act, c, h = cell_forward(pre, tl.load(c_prev_ptr + off_h, mask=m_h, other=0.0), BLOCK_B, BLOCK_H)
     h = h.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + off_h, h, mask=m_h)
@@ -146,13 +148,13 @@ def lstm_fwd(
     dtype = gx.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     dev = gx.device
-    y = torch.empty(T, B, H, device=dev, dtype=dtype)
-    h_n = torch.empty(B, H, device=dev, dtype=dtype)
-    c_n = torch.empty(B, H, device=dev, dtype=dtype)
+    y = new_output(T, B, H, device=dev, dtype=dtype)
+    h_n = new_output(B, H, device=dev, dtype=dtype)
+    c_n = new_output(B, H, device=dev, dtype=dtype)
     h0 = h0.to(dtype).contiguous()
     if save:
-        gates = torch.empty(T, B, G, device=dev, dtype=acc)
-        cs = torch.empty(T + 1, B, H, device=dev, dtype=acc)
+        gates = new_output(T, B, G, device=dev, dtype=acc)
+        cs = new_output(T + 1, B, H, device=dev, dtype=acc)
         cs[0].copy_(c0)
     else:
         gates = None
@@ -166,7 +168,7 @@ def lstm_fwd(
         _lstm_fwd_persistent_kernel[grid](
             gx, w_hh, h0, c0, y, h_n, c_n, gates if save else cs_arg, cs_arg, T, B, H,
             BLOCK_B=config.block_b, BLOCK_H=config.block_h, SAVE=save,
-            DOT_PRECISION=config.dot_precision, num_warps=config.num_warps, num_stages=1,
+            DOT_PRECISION=config.dot_precision, UPCAST_DOT=config.upcast_dot, num_warps=config.num_warps, num_stages=1,
         )
         return y, h_n, c_n, gates, cs
 
@@ -182,6 +184,6 @@ def lstm_fwd(
             gx[t], w_hh, h_prev, c_prev, y[t], c_out, gates[t] if save else gx[t], h_n, c_n, B, H,
             BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
             SAVE_GATES=save, STORE_FINAL=t == T - 1,
-            DOT_PRECISION=config.dot_precision, num_warps=config.num_warps, num_stages=config.num_stages,
+            DOT_PRECISION=config.dot_precision, UPCAST_DOT=config.upcast_dot, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return y, h_n, c_n, gates, cs

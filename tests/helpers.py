@@ -1,0 +1,49 @@
+"""Shared test utilities: random LSTM problems, gradients through every output, error measures."""
+from __future__ import annotations
+
+import torch
+
+# Finite-difference-free checks compare with the float64 reference. The error measure is
+# max|a - b| / max(1, max|ref|): relative for large tensors, absolute near zero.
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    return ((a - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+
+
+def make_layer_problem(T, B, I, H, dtype=torch.float64, device="cpu", with_state=True, bias=True, seed=0):
+    """Inputs and weights of one layer in torch.nn.LSTM's layout, drawn with torch.nn.LSTM's init scale."""
+    g = torch.Generator().manual_seed(seed)
+    k = H ** -0.5
+
+    def u(*shape):
+        return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * k).to(device)
+
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64).to(device)
+    h0 = torch.randn(B, H, generator=g, dtype=torch.float64).to(device) * 0.5 if with_state else None
+    c0 = torch.randn(B, H, generator=g, dtype=torch.float64).to(device) * 0.5 if with_state else None
+    w_ih, w_hh = u(4 * H, I), u(4 * H, H)
+    b_ih, b_hh = (u(4 * H), u(4 * H)) if bias else (None, None)
+    tensors = dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+    return {name: None if t is None else t.to(dtype) for name, t in tensors.items()}
+
+
+def output_cotangents(y, h_n, c_n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device) for t in (y, h_n, c_n)]
+
+
+def run_with_grads(fn, problem, cotangents=None):
+    """Run ``fn(**problem)`` -> (y, h_n, c_n) and differentiate a random projection of all three outputs
+    with respect to every tensor input. Returns (outputs, {name: grad}, cotangents)."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in problem.items() if t is not None}
+    args = {n: leaves.get(n) for n in problem}
+    outs = fn(**args)
+    if cotangents is None:
+        cotangents = output_cotangents(*outs)
+    loss = sum((o.double() * c).sum() for o, c in zip(outs, cotangents))
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return [o.detach() for o in outs], dict(zip(leaves.keys(), grads)), cotangents
