@@ -1,28 +1,31 @@
-"""Forward LSTM recurrence: fused h·W_hhᵀ for all four gates + the pointwise cell/hidden update.
+"""Forward LSTM recurrence: fused h·W_hhᵀ for all four gates + the pointwise cell/hidden update (+ projection).
 
 Dimension legend
-    T        time steps
+    D        directions run by one launch (1, or 2 for a bidirectional layer: grid axis "d")
+    T        steps, in the direction's own order (the caller time-reverses the reverse direction's input)
     B        batch
-    H        hidden units
+    H        hidden units (cell size);  P = projected size (P = H without projection)
     G = 4H   gate columns, unit-interleaved (column 4j+k is gate k ∈ {i, f, g, o} of unit j)
     BLOCK_B  batch rows per program (≥ 16: the smallest ``tl.dot`` tile)
-    BLOCK_H  hidden units per program; the program owns gate columns [4·h0, 4·(h0+BLOCK_H))
-    BLOCK_K  reduction tile over h_{t-1} (per-step path only)
+    BLOCK_H  hidden units per program; BLOCK_P: padded P (persistent path)
+    BLOCK_K  reduction tile over h_{t-1} (stepwise path)
 
-Inputs (all contiguous):
-    gx      [T, B, G]   x_t·W_ihᵀ + b_ih + b_hh for every step (one GEMM before the recurrence), input dtype
-    w       [G, H]      W_hh with its rows unit-interleaved, input dtype
-    h0      [B, H]      input dtype;  c0 [B, H] accumulation dtype
-Outputs:
-    y       [T, B, H]   h_t, input dtype;  h_n, c_n [B, H] input dtype
-    gates   [T, B, G]   activated gates σ(i), σ(f), tanh(g), σ(o), accumulation dtype (saved for backward)
-    cs      [T+1, B, H] c_{t} for t = 0..T (cs[0] = c0), accumulation dtype (saved for backward)
+Tensors (contiguous; per direction d the leading index):
+    gx      [D, T, B, G]   x_t·W_ihᵀ + b_ih + b_hh for every step (one GEMM before the recurrence), input dtype
+    w_hh    [D, G, P]      W_hh with its rows unit-interleaved, input dtype
+    w_hr    [D, P, H]      projection (only with HAS_PROJ), input dtype
+    h0 [D, B, P], c0 [D, B, H];  lengths [B] int32 (only with HAS_LENGTHS)
+    y       [D, T, B, P]   h_t, input dtype; zero at steps past a sequence's length
+    h_n [D, B, P], c_n [D, B, H]   the state at each sequence's own last step, input dtype
+    gates   [D, T, B, G]   activated gates σ(i), σ(f), tanh(g), σ(o) (zero past a sequence's end), accumulation dtype
+    cs      [D, T+1, B, H] c after each step (cs[:, 0] = c0; frozen past a sequence's end), accumulation dtype
 Accumulation dtype: float32, or float64 for float64 inputs. The cell state never leaves it.
 
 Two paths:
-    persistent  grid (cdiv(B, BLOCK_B),): one program per batch tile covers every hidden unit, loads its
-                W_hhᵀ tile once and runs the whole time loop, h_t and c_t staying in registers.
-    stepwise    grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_H)) launched once per step: any H.
+    persistent  grid (cdiv(B, BLOCK_B), D): one program per batch tile covers every hidden unit, loads its
+                W_hh (and W_hr) tile once and runs the whole time loop, h and c staying in registers. It stops
+                computing at its tile's longest sequence and only writes zeros past it (no work on padding).
+    stepwise    grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_H), D), launched once per step: any H.
 """
 from __future__ import annotations
 
@@ -39,151 +42,223 @@ from .config import LSTMKernelConfig
 
 @triton.jit
 def _lstm_fwd_persistent_kernel(
-    gx_ptr, w_ptr, h0_ptr, c0_ptr,
+    gx_ptr, w_hh_ptr, w_hr_ptr, h0_ptr, c0_ptr, len_ptr,
     y_ptr, hn_ptr, cn_ptr, gates_ptr, cs_ptr,
-    T, B, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    T, B, H, P, stride_gd, stride_yd, stride_cd,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     acc_ty = cs_ptr.dtype.element_ty
+    G = 4 * H
     pid = tl.program_id(0)
+    d = tl.program_id(1)
     rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     rh = tl.arange(0, BLOCK_H)
+    rp = tl.arange(0, BLOCK_P)
     rg = tl.arange(0, 4 * BLOCK_H)
     mb = rb < B
     m_h = mb[:, None] & (rh < H)[None, :]
-    m_g = mb[:, None] & (rg < 4 * H)[None, :]
+    m_p = mb[:, None] & (rp < P)[None, :]
+    m_g = mb[:, None] & (rg < G)[None, :]
     off_h = rb[:, None] * H + rh[None, :]
-    off_g = rb[:, None] * (4 * H) + rg[None, :]
+    off_p = rb[:, None] * P + rp[None, :]
+    off_g = rb[:, None] * G + rg[None, :]
 
-    # W_hhᵀ [BLOCK_H, 4·BLOCK_H]: read once, reused by every step. Padded units get zero weights and
-    # zero pre-activations, so their c stays 0 and their h = σ(0)·tanh(0) = 0 never pollutes the dot.
-    w_t = tl.load(w_ptr + rg[None, :] * H + rh[:, None],
-                  mask=(rh < H)[:, None] & (rg < 4 * H)[None, :], other=0.0)
-    h = tl.load(h0_ptr + off_h, mask=m_h, other=0.0).to(w_t.dtype)
-    c = tl.load(c0_ptr + off_h, mask=m_h, other=0.0).to(acc_ty)
-    # Walking pointers (64-bit) rather than t·B·4H offsets, which could overflow 32-bit arithmetic.
-    gx_t = gx_ptr + off_g
-    y_t = y_ptr + off_h
-    gates_t = gates_ptr + off_g
-    cs_t = cs_ptr + B * H + off_h
-    for _ in range(T):
-        pre = tl.load(gx_t, mask=m_g, other=0.0).to(acc_ty)
+    # W_hhᵀ [BLOCK_P, 4·BLOCK_H] (and W_hrᵀ [BLOCK_H, BLOCK_P]) read once, reused by every step. Padded units
+    # get zero weights and zero pre-activations, so their c stays 0 and h = σ(0)·tanh(0) = 0.
+    w_t = tl.load(w_hh_ptr + d * G * P + rg[None, :] * P + rp[:, None],
+                  mask=(rp < P)[:, None] & (rg < G)[None, :], other=0.0)
+    if HAS_PROJ:
+        wr_t = tl.load(w_hr_ptr + d * P * H + rp[None, :] * H + rh[:, None],
+                       mask=(rh < H)[:, None] & (rp < P)[None, :], other=0.0)
+    h = tl.load(h0_ptr + d * B * P + off_p, mask=m_p, other=0.0).to(w_t.dtype)
+    c = tl.load(c0_ptr + d * B * H + off_h, mask=m_h, other=0.0).to(acc_ty)
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rb, mask=mb, other=0)
+    else:
+        lens = tl.where(mb, T, 0)
+    tile_len = tl.max(lens, axis=0)
+
+    # Per-direction strides come from the launcher (Triton passes them as 64-bit once they exceed 2³¹), and
+    # steps advance by walking 64-bit pointers: no T·B·G product is ever formed in 32-bit arithmetic.
+    gx_s = gx_ptr + d * stride_gd + off_g
+    y_s = y_ptr + d * stride_yd + off_p
+    gates_s = gates_ptr + d * stride_gd + off_g
+    cs_s = cs_ptr + d * stride_cd + B * H + off_h
+    for s in range(tile_len):
+        valid = (s < lens)[:, None]
+        pre = tl.load(gx_s, mask=m_g, other=0.0).to(acc_ty)
         pre = mma(h, w_t, pre, DOT_PRECISION, UPCAST_DOT)
-        act, c, h = cell_forward(pre, c, BLOCK_B, BLOCK_H)
+        act, c_new, h_new = cell_forward(pre, c, BLOCK_B, BLOCK_H)
+        if HAS_PROJ:
+            h_new = mma(h_new.to(w_t.dtype), wr_t, tl.zeros((BLOCK_B, BLOCK_P), acc_ty), DOT_PRECISION, UPCAST_DOT)
         # The next step consumes h rounded to the input dtype, exactly as the stepwise path reads it back.
-        h = h.to(w_t.dtype)
-        tl.store(y_t, h, mask=m_h)
+        h_new = h_new.to(w_t.dtype)
+        # Past its end a sequence keeps its state (so h_n/c_n are taken at its own last step) and outputs 0.
+        c = tl.where(valid, c_new, c)
+        h = tl.where(valid, h_new, h)
+        tl.store(y_s, tl.where(valid, h_new, 0.0), mask=m_p)
         if SAVE:
-            tl.store(gates_t, act, mask=m_g)
-            tl.store(cs_t, c, mask=m_h)
-        gx_t += B * 4 * H
-        y_t += B * H
-        gates_t += B * 4 * H
-        cs_t += B * H
-    tl.store(hn_ptr + off_h, h, mask=m_h)
-    tl.store(cn_ptr + off_h, c.to(cn_ptr.dtype.element_ty), mask=m_h)
+            tl.store(gates_s, tl.where(valid, act, 0.0), mask=m_g)
+            tl.store(cs_s, c, mask=m_h)
+        gx_s += B * G
+        y_s += B * P
+        gates_s += B * G
+        cs_s += B * H
+    for _ in range(tile_len, T):
+        tl.store(y_s, tl.zeros((BLOCK_B, BLOCK_P), y_ptr.dtype.element_ty), mask=m_p)
+        if SAVE:
+            tl.store(gates_s, tl.zeros((BLOCK_B, 4 * BLOCK_H), acc_ty), mask=m_g)
+            tl.store(cs_s, c, mask=m_h)
+        y_s += B * P
+        gates_s += B * G
+        cs_s += B * H
+    tl.store(hn_ptr + d * B * P + off_p, h, mask=m_p)
+    tl.store(cn_ptr + d * B * H + off_h, c.to(cn_ptr.dtype.element_ty), mask=m_h)
 
 
 @triton.jit
 def _lstm_fwd_step_kernel(
-    gx_ptr, w_ptr, h_prev_ptr, c_prev_ptr,
-    y_ptr, c_ptr, gates_ptr, hn_ptr, cn_ptr,
-    B, H,
+    gx_ptr, w_hh_ptr, h_prev_ptr, c_prev_ptr, len_ptr,
+    out_ptr, h_next_ptr, c_next_ptr, gates_ptr,
+    s, B, H, P, stride_gd, stride_yd,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    SAVE_GATES: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    # Pointers are already offset to step t: gx [B, G], h_prev/y [B, H], c_prev/c [B, H], gates [B, G].
-    acc_ty = c_ptr.dtype.element_ty
+    # One step s. gx/gates (and y) point at step s of direction 0; direction d adds d·stride_gd (d·stride_yd).
+    # h_prev/h_next [D, B, P] and c_prev/c_next [D, B, H] are the state before/after the step (ping-pong).
+    # Without projection out = y[:, s] gets h_t; with it out = [D, B, H] scratch gets o⊙tanh(c) and the caller
+    # applies W_hr (a projection needs every unit of the row, which this program does not own).
+    acc_ty = c_next_ptr.dtype.element_ty
+    G = 4 * H
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
+    d = tl.program_id(2)
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     rg = pid_h * 4 * BLOCK_H + tl.arange(0, 4 * BLOCK_H)
     mb = rb < B
     m_h = mb[:, None] & (rh < H)[None, :]
-    m_g = mb[:, None] & (rg < 4 * H)[None, :]
-    off_h = rb[:, None] * H + rh[None, :]
+    m_g = mb[:, None] & (rg < G)[None, :]
+    off_h = d * B * H + rb[:, None] * H + rh[None, :]
+    off_g = rb[:, None] * G + rg[None, :]
+    if HAS_LENGTHS:
+        valid = (s < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
+    else:
+        valid = tl.full((BLOCK_B, 1), 1, tl.int1)
 
-    pre = tl.load(gx_ptr + rb[:, None] * (4 * H) + rg[None, :], mask=m_g, other=0.0).to(acc_ty)
-    for k0 in range(0, H, BLOCK_K):
+    pre = tl.load(gx_ptr + d * stride_gd + off_g, mask=m_g, other=0.0).to(acc_ty)
+    w_d = w_hh_ptr + d * G * P
+    for k0 in range(0, P, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        mk = rk < H
-        h_k = tl.load(h_prev_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        w_k = tl.load(w_ptr + rg[None, :] * H + rk[:, None], mask=mk[:, None] & (rg < 4 * H)[None, :], other=0.0)
+        mk = rk < P
+        h_k = tl.load(h_prev_ptr + d * B * P + rb[:, None] * P + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        w_k = tl.load(w_d + rg[None, :] * P + rk[:, None], mask=mk[:, None] & (rg < G)[None, :], other=0.0)
         pre = mma(h_k, w_k, pre, DOT_PRECISION, UPCAST_DOT)
-    act, c, h = cell_forward(pre, tl.load(c_prev_ptr + off_h, mask=m_h, other=0.0), BLOCK_B, BLOCK_H)
-    h = h.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + off_h, h, mask=m_h)
-    tl.store(c_ptr + off_h, c, mask=m_h)
+    c_prev = tl.load(c_prev_ptr + off_h, mask=m_h, other=0.0)
+    act, c, h = cell_forward(pre, c_prev, BLOCK_B, BLOCK_H)
+    tl.store(c_next_ptr + off_h, tl.where(valid, c, c_prev), mask=m_h)
     if SAVE_GATES:
-        tl.store(gates_ptr + rb[:, None] * (4 * H) + rg[None, :], act, mask=m_g)
-    if STORE_FINAL:
-        tl.store(hn_ptr + off_h, h, mask=m_h)
-        tl.store(cn_ptr + off_h, c.to(cn_ptr.dtype.element_ty), mask=m_h)
+        tl.store(gates_ptr + d * stride_gd + off_g, tl.where(valid, act, 0.0), mask=m_g)
+    if HAS_PROJ:
+        tl.store(out_ptr + off_h, h.to(out_ptr.dtype.element_ty), mask=m_h)
+    else:
+        h = h.to(out_ptr.dtype.element_ty)
+        h_prev = tl.load(h_prev_ptr + off_h, mask=m_h, other=0.0)
+        tl.store(h_next_ptr + off_h, tl.where(valid, h, h_prev), mask=m_h)
+        tl.store(out_ptr + d * stride_yd + rb[:, None] * H + rh[None, :], tl.where(valid, h, 0.0), mask=m_h)
 
 
 def lstm_fwd(
     gx: torch.Tensor,
     w_hh: torch.Tensor,
+    w_hr: Optional[torch.Tensor],
     h0: torch.Tensor,
     c0: torch.Tensor,
+    lengths: Optional[torch.Tensor],
     config: LSTMKernelConfig,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Run the recurrence over all T steps.
+    """Run the recurrence of D directions over all T steps (each direction in its own step order).
 
     Args:
-        gx:   [T, B, 4H] input projections with both biases, interleaved gate columns, input dtype.
-        w_hh: [4H, H] recurrent weights, rows interleaved the same way, input dtype.
-        h0:   [B, H] (any dtype; cast to the input dtype);  c0: [B, H] (any float dtype).
+        gx:   [D, T, B, 4H] input projections with both biases, interleaved gate columns, input dtype.
+        w_hh: [D, 4H, P] recurrent weights, rows interleaved the same way, input dtype.
+        w_hr: [D, P, H] projection weights or None (then P = H).
+        h0:   [D, B, P];  c0: [D, B, H] (any float dtype).
+        lengths: [B] int32 on gx's device, each ≤ T, or None (every sequence has T steps).
         config: the path and tile sizes (:func:`lstm_triton.kernels.config.select_config`).
-        save: also return the activated gates [T, B, 4H] and cell states [T+1, B, H] for backward.
+        save: also return the activated gates [D, T, B, 4H] and cell states [D, T+1, B, H] for backward.
     Returns:
-        (y [T, B, H], h_n [B, H], c_n [B, H], gates or None, cs or None); y/h_n/c_n in the input dtype.
+        (y [D, T, B, P], h_n [D, B, P], c_n [D, B, H], gates or None, cs or None); y/h_n/c_n in the input dtype.
     """
-    T, B, G = gx.shape
+    D, T, B, G = gx.shape
     H = G // 4
+    P = w_hh.shape[2]
     dtype = gx.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     dev = gx.device
-    y = new_output(T, B, H, device=dev, dtype=dtype)
-    h_n = new_output(B, H, device=dev, dtype=dtype)
-    c_n = new_output(B, H, device=dev, dtype=dtype)
+    y = new_output(D, T, B, P, device=dev, dtype=dtype)
     h0 = h0.to(dtype).contiguous()
-    if save:
-        gates = new_output(T, B, G, device=dev, dtype=acc)
-        cs = new_output(T + 1, B, H, device=dev, dtype=acc)
-        cs[0].copy_(c0)
-    else:
-        gates = None
-        cs = None
     c0 = c0.to(acc).contiguous()
+    gates = new_output(D, T, B, G, device=dev, dtype=acc) if save else None
+    cs = new_output(D, T + 1, B, H, device=dev, dtype=acc) if save else None
+    if save:
+        cs[:, 0].copy_(c0)
+    has_proj, has_len = w_hr is not None, lengths is not None
+    # Unused pointer arguments get a valid [1]-element tensor of the right dtype.
+    stub = torch.empty(1, device=dev, dtype=dtype)
+    stub_acc = torch.empty(1, device=dev, dtype=acc)
+    len_arg = lengths if has_len else torch.empty(1, device=dev, dtype=torch.int32)
 
     if config.path == "persistent":
-        # A [1]-element stand-in keeps the kernel's accumulation dtype readable from cs_ptr when not saving.
-        cs_arg = cs if save else torch.empty(1, device=dev, dtype=acc)
-        grid = (triton.cdiv(B, config.block_b),)
+        h_n = new_output(D, B, P, device=dev, dtype=dtype)
+        c_n = new_output(D, B, H, device=dev, dtype=dtype)
+        grid = (triton.cdiv(B, config.block_b), D)
         _lstm_fwd_persistent_kernel[grid](
-            gx, w_hh, h0, c0, y, h_n, c_n, gates if save else cs_arg, cs_arg, T, B, H,
-            BLOCK_B=config.block_b, BLOCK_H=config.block_h, SAVE=save,
-            DOT_PRECISION=config.dot_precision, UPCAST_DOT=config.upcast_dot, num_warps=config.num_warps, num_stages=1,
+            gx, w_hh, w_hr if has_proj else stub, h0, c0, len_arg,
+            y, h_n, c_n, gates if save else stub_acc, cs if save else stub_acc,
+            T, B, H, P, T * B * G, T * B * P, (T + 1) * B * H,
+            BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_P=config.block_p,
+            HAS_PROJ=has_proj, HAS_LENGTHS=has_len, SAVE=save,
+            DOT_PRECISION=config.dot_precision, UPCAST_DOT=config.upcast_dot,
+            num_warps=config.num_warps, num_stages=1,
         )
         return y, h_n, c_n, gates, cs
 
-    # Stepwise: without saving, two [B, H] cell buffers take turns.
-    c_buf = cs if save else torch.empty(2, B, H, device=dev, dtype=acc)
+    # Stepwise: the state lives in ping-pong buffers; with `save`, c goes straight into cs.
+    h_buf = new_output(2, D, B, P, device=dev, dtype=dtype)
+    h_buf[0].copy_(h0)
+    c_buf = cs if save else new_output(2, D, B, H, device=dev, dtype=acc)
     if not save:
         c_buf[0].copy_(c0)
-    grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_h))
-    for t in range(T):
-        h_prev = h0 if t == 0 else y[t - 1]
-        c_prev, c_out = (c_buf[t], c_buf[t + 1]) if save else (c_buf[t % 2], c_buf[(t + 1) % 2])
+    m_buf = new_output(D, B, H, device=dev, dtype=dtype) if has_proj else None
+    grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_h), D)
+    for s in range(T):
+        h_prev, h_next = h_buf[s % 2], h_buf[(s + 1) % 2]
+        c_prev, c_next = (c_buf[:, s], c_buf[:, s + 1]) if save else (c_buf[s % 2], c_buf[(s + 1) % 2])
         _lstm_fwd_step_kernel[grid](
-            gx[t], w_hh, h_prev, c_prev, y[t], c_out, gates[t] if save else gx[t], h_n, c_n, B, H,
+            gx[0, s], w_hh, h_prev, c_prev, len_arg,
+            m_buf if has_proj else y[0, s], h_next, c_next, gates[0, s] if save else stub_acc,
+            s, B, H, P, T * B * G, T * B * P,
             BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
-            SAVE_GATES=save, STORE_FINAL=t == T - 1,
-            DOT_PRECISION=config.dot_precision, UPCAST_DOT=config.upcast_dot, num_warps=config.num_warps, num_stages=config.num_stages,
+            HAS_PROJ=has_proj, HAS_LENGTHS=has_len, SAVE_GATES=save,
+            DOT_PRECISION=config.dot_precision, UPCAST_DOT=config.upcast_dot,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    return y, h_n, c_n, gates, cs
+        if has_proj:
+            h_new = torch.bmm(m_buf, w_hr.transpose(1, 2))
+            valid = valid_rows(lengths, s, B, dev)
+            torch.where(valid, h_new, h_prev, out=h_next)
+            torch.where(valid, h_new, torch.zeros((), dtype=dtype, device=dev), out=y[:, s])
+    c_last = c_buf[:, T] if save else c_buf[T % 2]
+    return y, h_buf[T % 2].clone(), c_last.to(dtype, copy=True), gates, cs
+
+
+def valid_rows(lengths: Optional[torch.Tensor], s: int, B: int, device) -> torch.Tensor:
+    """[B, 1] bool: which sequences are still running at step s."""
+    if lengths is None:
+        return torch.ones(B, 1, dtype=torch.bool, device=device)
+    return (lengths > s).unsqueeze(1)
