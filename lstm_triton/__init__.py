@@ -1,6 +1,6 @@
 """lstm_triton: a fused-kernel LSTM for PyTorch, written in Triton; a drop-in for torch.nn.LSTM / LSTMCell."""
 from .modules import LSTM, LSTMCell
-from .ops import lstm_layer, triton_enabled
+from .ops import lstm_layer, lstm_layer_directions, triton_enabled
 from .reference import lstm_cell_reference, lstm_layer_reference, lstm_reference
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __all__ = [
     "LSTMCell",
     "lstm_cell_reference",
     "lstm_layer",
+    "lstm_layer_directions",
     "lstm_layer_reference",
     "lstm_reference",
     "triton_enabled",

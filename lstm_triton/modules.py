@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .ops import lstm_layer, triton_enabled
+from .ops import lstm_layer, lstm_layer_directions, triton_enabled
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -70,8 +70,8 @@ class LSTM(nn.RNNBase):
     def flatten_parameters(self) -> None:
         """No-op: the fused kernels read the parameters where they are (cuDNN's flat buffer is not used)."""
 
-    def _uses_triton(self, input: Tensor, packed: bool) -> bool:
-        return triton_enabled(input) and not packed and self.proj_size == 0 and not torch.jit.is_scripting()
+    def _uses_triton(self, input: Tensor) -> bool:
+        return triton_enabled(input) and not torch.jit.is_scripting() and not torch.jit.is_tracing()
 
     def forward(self, input, hx=None):
         self._update_flat_weights()
@@ -103,6 +103,9 @@ class LSTM(nn.RNNBase):
             if not packed:
                 self.check_forward_args(input, hx, batch_sizes)
         elif packed:
+            # torch skips these checks for packed input and then index_selects an hx of any batch size;
+            # we reject a mismatched hx with the message an unpacked input would get.
+            self.check_forward_args(input, hx, batch_sizes)
             hx = self.permute_hidden(hx, sorted_indices)
         else:
             if is_batched:
@@ -122,8 +125,13 @@ class LSTM(nn.RNNBase):
         _check_same_device(input, self._flat_weights, hx)
         _check_hidden_dtype(input, hx)
 
-        if self._uses_triton(input, packed):
-            output, hidden = self._forward_triton(input, hx)
+        if self._uses_triton(input):
+            if packed:
+                output, hidden = self._forward_triton_packed(input, batch_sizes, hx)
+            else:
+                output, hidden = self._forward_triton(input.transpose(0, 1) if self.batch_first else input, hx)
+                if self.batch_first:
+                    output = output.transpose(0, 1)
         elif packed:
             result = _VF.lstm(input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
                               self.dropout, self.training, self.bidirectional)
@@ -142,31 +150,41 @@ class LSTM(nn.RNNBase):
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
         return output, self.permute_hidden(hidden, unsorted_indices)
 
-    def _forward_triton(self, input: Tensor, hx: tuple[Tensor, Tensor]):
-        """Stacked layers and directions on :func:`lstm_layer`; input is [L, N, F] or [N, L, F] (batch_first)."""
-        x = input.transpose(0, 1) if self.batch_first else input
+    def _forward_triton(self, x: Tensor, hx: tuple[Tensor, Tensor], lengths: Optional[Tensor] = None):
+        """Stacked layers on :func:`lstm_layer_directions`, both directions of a layer in one launch.
+
+        x: [L, N, input_size] seq-first; lengths: [N] per-sequence lengths (packed input) or None.
+        Returns (output [L, N, D·P], (h_n, c_n)).
+        """
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        num_directions = 2 if self.bidirectional else 1
-        weights_per_layer = len(self._flat_weights) // (self.num_layers * num_directions)
+        D = 2 if self.bidirectional else 1
+        per_layer = len(self._flat_weights) // (self.num_layers * D)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            outs = []
-            for direction in range(num_directions):
-                idx = layer * num_directions + direction
-                w = self._flat_weights[idx * weights_per_layer:(idx + 1) * weights_per_layer]
+            weights = []
+            for direction in range(D):
+                w = self._flat_weights[(layer * D + direction) * per_layer:(layer * D + direction + 1) * per_layer]
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
-                # The reverse direction is the forward recurrence over the time-reversed sequence.
-                x_dir = x if direction == 0 else x.flip(0)
-                y, h, c = lstm_layer(x_dir, hx[0][idx], hx[1][idx], w[0], w[1], b_ih, b_hh)
-                outs.append(y if direction == 0 else y.flip(0))
-                h_n.append(h)
-                c_n.append(c)
-            x = torch.cat(outs, dim=-1) if num_directions == 2 else outs[0]
+                weights.append((w[0], w[1], b_ih, b_hh, w[-1] if self.proj_size > 0 else None))
+            layer_slice = slice(layer * D, (layer + 1) * D)
+            x, h, c = lstm_layer_directions(x, hx[0][layer_slice], hx[1][layer_slice], weights, lengths=lengths)
+            h_n.append(h)
+            c_n.append(c)
             if layer < self.num_layers - 1 and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
-        output = x.transpose(0, 1) if self.batch_first else x
-        return output, (torch.stack(h_n), torch.stack(c_n))
+        return x, (torch.cat(h_n), torch.cat(c_n))
+
+    def _forward_triton_packed(self, data: Tensor, batch_sizes: Tensor, hx: tuple[Tensor, Tensor]):
+        """Packed input: padded [L, N, F] in the packed (length-sorted) batch order, lengths inside the kernel."""
+        if data.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        lengths = lengths.to(data.device)
+        output, hidden = self._forward_triton(padded, hx, lengths)
+        # pack_padded_sequence takes per-step rows in the same order the packed data holds them.
+        packed = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True)
+        return packed.data, hidden
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -161,19 +161,25 @@ def _backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
 
 
 def _differentiable_backward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, dy, dh_n, dc_n, needs):
-    inputs = [x, h0, c0, w_ih, w_hh, bias, w_hr]
+    """Gradients as a differentiable function of the op's inputs, by differentiating the reference.
+
+    The saved inputs keep their place in the autograd graph, so the returned gradients can be differentiated
+    again (``create_graph=True``); this is the double-backward path, not the fast one.
+    """
+    inputs = (x, h0, c0, w_ih, w_hh, bias, w_hr)
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() if t is not None and need else t for t, need in zip(inputs, needs)]
-        ys, hs, cs = [], [], []
+        # Inputs that carry no grad still need to be leaves of the recomputation to be differentiated.
+        args = [t if t is None or t.requires_grad or not need else t.detach().requires_grad_()
+                for t, need in zip(inputs, needs)]
         lens = None if lengths is None else lengths.tolist()
-        for d in range(x.shape[0]):
-            y_d, h_d, c_d = lstm_layer_reference(
-                leaves[0][d], leaves[1][d], leaves[2][d], leaves[3][d], leaves[4][d],
-                None if bias is None else leaves[5][d], None, None if w_hr is None else leaves[6][d], lengths=lens,
-            )
-            ys.append(y_d), hs.append(h_d), cs.append(c_d)
-        outs = (torch.stack(ys), torch.stack(hs), torch.stack(cs))
-        wrt = [leaf for leaf, need in zip(leaves, needs) if leaf is not None and need]
+        outs = [
+            lstm_layer_reference(args[0][d], args[1][d], args[2][d], args[3][d], args[4][d],
+                                 None if bias is None else args[5][d], None,
+                                 None if w_hr is None else args[6][d], lengths=lens)
+            for d in range(x.shape[0])
+        ]
+        outs = tuple(torch.stack(o) for o in zip(*outs))
+        wrt = [a for a, need in zip(args, needs) if a is not None and need]
         grads = iter(torch.autograd.grad(outs, wrt, (dy, dh_n, dc_n), create_graph=True, allow_unused=True))
     result = [next(grads) if t is not None and need else None for t, need in zip(inputs, needs)]
     return tuple(result) + (None, None, None, None)
