@@ -38,6 +38,17 @@ def _check_same_device(input: Tensor, params, hidden) -> None:
             )
 
 
+def _autocast(weights, x: Tensor, hx):
+    """Under ``torch.autocast`` the recurrence runs in the autocast dtype (bfloat16 stays bfloat16; cuDNN
+    would force float16). Custom ops are invisible to autocast, so the module casts, differentiably."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return weights, x, hx
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+    return [cast(w) for w in weights], cast(x), tuple(cast(h) for h in hx)
+
+
 def _check_hidden_dtype(input: Tensor, hidden) -> None:
     # torch leaks a backend error here (e.g. "get_mkldnn_dtype: unsupported data type"); we say what is wrong.
     for idx, h in enumerate(hidden):
@@ -158,13 +169,14 @@ class LSTM(nn.RNNBase):
         """
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        flat_weights, x, hx = _autocast(self._flat_weights, x, hx)
         D = 2 if self.bidirectional else 1
-        per_layer = len(self._flat_weights) // (self.num_layers * D)
+        per_layer = len(flat_weights) // (self.num_layers * D)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             weights = []
             for direction in range(D):
-                w = self._flat_weights[(layer * D + direction) * per_layer:(layer * D + direction + 1) * per_layer]
+                w = flat_weights[(layer * D + direction) * per_layer:(layer * D + direction + 1) * per_layer]
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
                 weights.append((w[0], w[1], b_ih, b_hh, w[-1] if self.proj_size > 0 else None))
             layer_slice = slice(layer * D, (layer + 1) * D)
@@ -218,7 +230,8 @@ class LSTMCell(nn.LSTMCell):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check_forward(input, hx)
-        y, h, c = lstm_layer(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        (w_ih, w_hh, b_ih, b_hh), input, hx = _autocast([self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh], input, hx)
+        y, h, c = lstm_layer(input.unsqueeze(0), hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
