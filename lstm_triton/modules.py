@@ -70,6 +70,11 @@ class LSTM(nn.RNNBase):
         Returns (output [L, N, D·P], (h_n, c_n)) shaped like hx.
     """
 
+    #: Set ``module.recompute = True`` to keep no activations between forward and backward: the backward
+    #: re-runs the forward recurrence instead (one more forward's time for 20·T·B·H bytes per layer and
+    #: direction), for sequences too long to keep them.
+    recompute: bool = False
+
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
@@ -180,7 +185,9 @@ class LSTM(nn.RNNBase):
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
                 weights.append((w[0], w[1], b_ih, b_hh, w[-1] if self.proj_size > 0 else None))
             layer_slice = slice(layer * D, (layer + 1) * D)
-            x, h, c = lstm_layer_directions(x, hx[0][layer_slice], hx[1][layer_slice], weights, lengths=lengths)
+            x, h, c = lstm_layer_directions(
+                x, hx[0][layer_slice], hx[1][layer_slice], weights, lengths=lengths, recompute=self.recompute
+            )
             h_n.append(h)
             c_n.append(c)
             if layer < self.num_layers - 1 and self.dropout > 0:

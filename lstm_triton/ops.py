@@ -151,8 +151,8 @@ def _backward(ctx, dy, dh_n, dc_n, _dgates, _dcs):
     if torch.is_grad_enabled():
         # create_graph=True (double backward): differentiate the reference, which autograd can differentiate again.
         return _differentiable_backward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, dy, dh_n, dc_n, n)
-    if gates.numel() == 0:
-        raise RuntimeError("lstm_triton: the forward ran under no_grad or with no input requiring grad")
+    if gates.numel() == 0:  # forward ran with recompute=True: rebuild the activations now
+        _, _, _, gates, cs = _lstm_dirs_fwd(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, True, ctx.path, ctx.allow_tf32)
     needs = [n[0], n[1], n[2], n[3], n[4], bias is not None and n[5], w_hr is not None and n[6]]
     grads = _lstm_dirs_bwd(
         dy, dh_n, dc_n, x, h0, y, gates, cs, w_ih, w_hh, w_hr, lengths, needs, ctx.path, ctx.allow_tf32
@@ -212,6 +212,7 @@ def lstm_layer_directions(
     reverse: Sequence[bool] = (False, True),
     path: str = "auto",
     allow_tf32: Optional[bool] = None,
+    recompute: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer in D = len(weights) directions, all in one kernel launch.
 
@@ -225,6 +226,8 @@ def lstm_layer_directions(
         reverse: per direction, whether it runs from each sequence's last step to its first.
         path: "auto" (the dispatcher's choice), "persistent" or "stepwise".
         allow_tf32: for float32, let ``tl.dot`` use TF32; None follows ``torch.backends.cuda.matmul.allow_tf32``.
+        recompute: keep no activations between forward and backward (gates [D, T, B, 4H] and cell states
+            [D, T+1, B, H] in float32: 20·D·T·B·H bytes); the backward re-runs the forward kernel instead.
     Returns:
         (y [T, B, D·P] with direction d in columns [d·P, (d+1)·P), h_n [D, B, P], c_n [D, B, H]) in x's dtype.
     Runs wherever :func:`triton_enabled` holds (CUDA, or CPU with ``TRITON_INTERPRET=1``).
@@ -246,7 +249,7 @@ def lstm_layer_directions(
     xs = torch.stack([reverse_sequences(x, lengths) if rev else x for rev in reverse[:D]])
     bias = None if b_ih[0] is None else torch.stack(b_ih) + torch.stack(b_hh)
     tensors = (xs, h0, c0, torch.stack(w_ih), torch.stack(w_hh), bias, None if w_hr[0] is None else torch.stack(w_hr))
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save = not recompute and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, h_n, c_n, _, _ = _lstm_dirs_fwd(
         *(None if t is None else t.contiguous() for t in tensors), lens32, save, path, allow_tf32
     )
@@ -268,6 +271,7 @@ def lstm_layer(
     reverse: bool = False,
     path: str = "auto",
     allow_tf32: Optional[bool] = None,
+    recompute: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, on the fused Triton kernels, differentiable in every input.
 
@@ -278,5 +282,6 @@ def lstm_layer(
     y, h_n, c_n = lstm_layer_directions(
         x, None if h0 is None else h0.unsqueeze(0), None if c0 is None else c0.unsqueeze(0),
         [(w_ih, w_hh, b_ih, b_hh, w_hr)], lengths=lengths, reverse=(reverse,), path=path, allow_tf32=allow_tf32,
+        recompute=recompute,
     )
     return y, h_n[0], c_n[0]

@@ -206,3 +206,14 @@ def test_double_backward_through_the_op():
     names = [n for n, t in p.items() if t is not None]
     inputs = tuple(p[n].clone().requires_grad_() for n in names)
     assert torch.autograd.gradgradcheck(lambda *a: lstm_layer(**dict(zip(names, a))), inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_recompute_option_gives_the_same_gradients(path):
+    p = make_layer_problem(4, 3, 5, 20, dtype=torch.float32)
+    outs, grads, cot = run_with_grads(lambda **a: lstm_layer(**a, path=path), p)
+    outs_r, grads_r, _ = run_with_grads(lambda **a: lstm_layer(**a, path=path, recompute=True), p, cot)
+    for a, b in zip(outs, outs_r):
+        assert torch.equal(a, b)
+    for k in grads:
+        assert torch.equal(grads[k], grads_r[k]), k
