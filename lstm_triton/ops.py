@@ -53,7 +53,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _config(x: Tensor, H: int, P: int, proj: bool, path: str, allow_tf32: bool):
-    return select_config(x.shape[2], H, x.dtype, allow_tf32=allow_tf32, path=path, proj_size=P if proj else 0)
+    """x: [D, T, B, I]. The cooperative path needs every program resident: at most one per SM."""
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 0
+    return select_config(x.shape[2], H, x.dtype, allow_tf32=allow_tf32, path=path, proj_size=P if proj else 0,
+                         directions=x.shape[0], resident_programs=sms)
 
 
 @torch.library.custom_op("lstm_triton::lstm_dirs_fwd", mutates_args=())

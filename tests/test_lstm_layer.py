@@ -11,6 +11,7 @@ import torch
 
 from helpers import make_layer_problem, rel_err, run_with_grads
 from lstm_triton import lstm_layer, lstm_layer_reference
+from lstm_triton.kernels import config as kernel_config
 from lstm_triton.kernels import select_config
 
 SHAPES = [  # (T, B, I, H)
@@ -20,7 +21,16 @@ SHAPES = [  # (T, B, I, H)
     (3, 2, 5, 64),  # the largest float32 persistent tile
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-PATHS = ["persistent", "stepwise"]
+PATHS = ["persistent", "cooperative", "stepwise"]
+
+
+@pytest.fixture(autouse=True)
+def _split_hidden_units_on_cooperative_path(request, monkeypatch):
+    """At test sizes one program would hold every hidden unit; a small on-chip budget makes the cooperative
+    path split them over several programs (e.g. H=33 in float32: 5 programs of 8 units), so the h exchange,
+    the step counters and the partial-sum reduction all run."""
+    if "cooperative" in request.node.name:
+        monkeypatch.setattr(kernel_config, "PERSISTENT_MAX_TILE_BYTES", 8192)
 
 
 def shape_id(s):
@@ -75,11 +85,12 @@ def test_layer_state_and_bias_options(path, bias, with_state):
         assert rel_err(grads[k], ref_grads[k]) < 1e-12, k
 
 
-def test_paths_agree_float32():
-    """The persistent and stepwise paths compute the same recurrence; only summation order differs."""
+@pytest.mark.parametrize("path", ["cooperative", "stepwise"])
+def test_paths_agree_float32(path):
+    """Every path computes the same recurrence; only summation order differs."""
     problem = make_layer_problem(6, 19, 9, 40, dtype=torch.float32)
     outs_p, grads_p, cot = run_with_grads(lambda **a: lstm_layer(**a, path="persistent"), problem)
-    outs_s, grads_s, _ = run_with_grads(lambda **a: lstm_layer(**a, path="stepwise"), problem, cot)
+    outs_s, grads_s, _ = run_with_grads(lambda **a: lstm_layer(**a, path=path), problem, cot)
     for a, b in zip(outs_p, outs_s):
         assert rel_err(a, b) < 1e-6
     for k in grads_p:
@@ -119,6 +130,31 @@ def test_no_grad_forward_saves_nothing_and_matches():
         assert rel_err(a, b) < 1e-12
 
 
+def test_cooperative_split_is_real():
+    """Guard for the fixture above: at its budget, the cooperative path really runs several programs."""
+    kernel_config.PERSISTENT_MAX_TILE_BYTES, saved = 8192, kernel_config.PERSISTENT_MAX_TILE_BYTES
+    try:
+        assert kernel_config.cooperative_programs(17, 33, torch.float32) == 2 * 5
+        assert select_config(17, 33, torch.float64, path="cooperative").block_h == 4
+    finally:
+        kernel_config.PERSISTENT_MAX_TILE_BYTES = saved
+
+
+def test_cooperative_wait_is_bounded(monkeypatch):
+    """A program that never sees the step it waits for turns the wait into an error instead of hanging: run
+    step 1 without step 0 ever having published h."""
+    from lstm_triton.kernels import lstm_coop
+
+    monkeypatch.setattr(kernel_config, "PERSISTENT_MAX_TILE_BYTES", 8192)
+    p = make_layer_problem(2, 3, 4, 33, dtype=torch.float32)
+    cfg = select_config(3, 33, torch.float32, path="cooperative")
+    gx = torch.randn(1, 2, 3, 4 * 33)
+    w = torch.randn(1, 4 * 33, 33)
+    monkeypatch.setattr(lstm_coop, "_step_ranges", lambda T: [(1, 2)])
+    with pytest.raises(RuntimeError, match="timed out waiting for another program"):
+        lstm_coop.lstm_fwd_coop(gx, w, p["h0"][None], p["c0"][None], None, cfg, save=False, max_spin=20)
+
+
 def test_dispatcher_choice():
     assert select_config(8, 20, torch.float32).path == "persistent"
     assert select_config(8, 64, torch.float32).path == "persistent"
@@ -132,6 +168,13 @@ def test_dispatcher_choice():
             fits = 4 * HP * HP * size <= PERSISTENT_MAX_TILE_BYTES
             assert select_config(8, H, dtype).path == ("persistent" if fits else "stepwise"), (H, dtype)
     assert select_config(8, 20, torch.float32, path="stepwise").path == "stepwise"
+    # Cooperative only when the whole grid can be resident (and never with a projection).
+    assert select_config(16, 1024, torch.bfloat16, resident_programs=132).path == "cooperative"
+    assert select_config(16, 1024, torch.bfloat16, resident_programs=132).block_h == 8
+    assert select_config(16, 1024, torch.bfloat16, resident_programs=0).path == "stepwise"
+    assert select_config(256, 1024, torch.bfloat16, resident_programs=132).path == "stepwise"
+    assert select_config(16, 1024, torch.bfloat16, proj_size=256, resident_programs=132).path == "stepwise"
+    assert select_config(16, 1024, torch.float32, resident_programs=132).path == "stepwise"  # 256 programs
     with pytest.raises(ValueError, match="unknown LSTM kernel path"):
         select_config(8, 20, torch.float32, path="fast")
 
@@ -160,6 +203,8 @@ def feature_id(f):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("feat", FEATURES, ids=feature_id)
 def test_layer_projection_lengths_reverse(feat, path):
+    if path == "cooperative" and feat["proj"]:
+        pytest.skip("the cooperative path takes no projection (the dispatcher never sends one there)")
     T, B, I, H = 4, 5, 3, 20
     p = make_layer_problem(T, B, I, H)
     g = torch.Generator().manual_seed(3)

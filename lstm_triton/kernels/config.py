@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-PATHS = ("persistent", "stepwise")
+PATHS = ("persistent", "cooperative", "stepwise")
 
 # The persistent path keeps one program's whole weight tile — W_hh (4·HP·PP elements) and, with a
 # projection, W_hr (PP·HP) — on chip for all T steps. 64 KiB is what a program of 8 warps holds in
@@ -22,11 +22,11 @@ PERSISTENT_MAX_TILE_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class LSTMKernelConfig:
-    path: str  # "persistent" | "stepwise"
+    path: str  # "persistent" | "cooperative" | "stepwise"
     block_b: int
     block_h: int
-    block_p: int  # persistent: padded P; stepwise: unused (= block_h)
-    block_k: int  # stepwise: reduction tile
+    block_p: int  # persistent: padded P; otherwise unused (= block_h)
+    block_k: int  # stepwise: reduction tile; cooperative: padded H (one dot over all of h)
     num_warps: int
     num_stages: int
     dot_precision: str  # "ieee" | "tf32"
@@ -48,20 +48,52 @@ def persistent_fits(H: int, dtype: torch.dtype, proj_size: int = 0) -> bool:
     return persistent_tile_bytes(H, dtype, proj_size) <= PERSISTENT_MAX_TILE_BYTES
 
 
+def cooperative_block_h(H: int, dtype: torch.dtype) -> int:
+    """Hidden units per program on the cooperative path: the most whose 4·BLOCK_H rows of W_hh (over all
+    HP columns) fit the on-chip budget; 0 if not even 4 units (the smallest 16-column dot) fit."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    HP, block_h = padded(H), 4
+    if 4 * block_h * HP * size > PERSISTENT_MAX_TILE_BYTES:
+        return 0
+    while block_h * 2 <= HP and 4 * block_h * 2 * HP * size <= PERSISTENT_MAX_TILE_BYTES:
+        block_h *= 2
+    return block_h
+
+
+def cooperative_programs(B: int, H: int, dtype: torch.dtype, directions: int = 1) -> int:
+    """Programs the cooperative path launches (all of which must be resident at once)."""
+    block_h = cooperative_block_h(H, dtype)
+    return triton.cdiv(B, 16) * triton.cdiv(H, block_h) * directions if block_h else 0
+
+
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
 
 def select_config(
-    B: int, H: int, dtype: torch.dtype, allow_tf32: bool = False, path: str = "auto", proj_size: int = 0
+    B: int,
+    H: int,
+    dtype: torch.dtype,
+    allow_tf32: bool = False,
+    path: str = "auto",
+    proj_size: int = 0,
+    directions: int = 1,
+    resident_programs: int = 0,
 ) -> LSTMKernelConfig:
-    """The configuration the dispatcher runs for batch B, hidden size H, projection and input dtype.
+    """The configuration the dispatcher runs for batch B, hidden size H, projection, directions and dtype.
 
-    ``path="auto"`` takes the persistent path whenever the weight tile fits (:func:`persistent_fits`),
-    else the stepwise path; ``"persistent"`` or ``"stepwise"`` force one (tests compare them).
+    ``path="auto"``: the persistent path whenever one program's weight tile fits (:func:`persistent_fits`);
+    else the cooperative path when there is no projection and its grid fits ``resident_programs`` (the GPU's
+    SM count; 0 = unknown, as on the interpreter, which never picks it); else the stepwise path.
+    ``"persistent"``, ``"cooperative"`` or ``"stepwise"`` force one (tests compare them).
     """
     if path == "auto":
-        path = "persistent" if persistent_fits(H, dtype, proj_size) else "stepwise"
+        if persistent_fits(H, dtype, proj_size):
+            path = "persistent"
+        elif not proj_size and 0 < cooperative_programs(B, H, dtype, directions) <= resident_programs:
+            path = "cooperative"
+        else:
+            path = "stepwise"
     if path not in PATHS:
         raise ValueError(f"unknown LSTM kernel path {path!r}; expected 'auto' or one of {PATHS}")
     precision = dot_precision(dtype, allow_tf32)
@@ -69,6 +101,11 @@ def select_config(
     if path == "persistent":
         HP, PP = padded(H), padded(proj_size or H)
         return LSTMKernelConfig("persistent", 16, HP, PP, PP, 4 if HP <= 32 else 8, 1, precision, upcast)
+    if path == "cooperative":
+        block_h = cooperative_block_h(H, dtype)
+        if proj_size or not block_h:
+            raise ValueError("the cooperative LSTM path takes no projection and needs 4 units' W_hh rows on chip")
+        return LSTMKernelConfig("cooperative", 16, block_h, block_h, padded(H), 8, 1, precision, upcast)
     block_h = 16 if H <= 256 else 32
     block_k = 32 if dtype == torch.float64 else 64
     return LSTMKernelConfig("stepwise", 16, block_h, block_h, block_k, 4, 2, precision, upcast)

@@ -32,6 +32,7 @@ import triton.language as tl
 from ._buffers import new_output
 from ._gates import cell_backward, mma
 from .config import LSTMKernelConfig
+from .lstm_coop import lstm_bwd_coop
 from .lstm_fwd import valid_rows
 
 
@@ -195,6 +196,8 @@ def lstm_bwd(
         (dgates [D, T, B, 4H], dh [D, T, B, P] with projection else None, dh0 [D, B, P], dc0 [D, B, H]),
         all in the accumulation dtype.
     """
+    if config.path == "cooperative":
+        return lstm_bwd_coop(dy, dh_n, dc_n, gates, cs, w_hh, lengths, config)
     D, T, B, G = gates.shape
     H = G // 4
     P = w_hh.shape[2]

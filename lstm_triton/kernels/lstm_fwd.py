@@ -25,6 +25,8 @@ Two paths:
     persistent  grid (cdiv(B, BLOCK_B), D): one program per batch tile covers every hidden unit, loads its
                 W_hh (and W_hr) tile once and runs the whole time loop, h and c staying in registers. It stops
                 computing at its tile's longest sequence and only writes zeros past it (no work on padding).
+    cooperative (lstm_coop.py) the programs of a batch tile split the hidden units, each keeping its W_hh rows on
+                chip, and exchange h every step through global memory: H too large for one program.
     stepwise    grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_H), D), launched once per step: any H.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ import triton.language as tl
 from ._buffers import new_output
 from ._gates import cell_forward, mma
 from .config import LSTMKernelConfig
+from .lstm_coop import lstm_fwd_coop
 
 
 @triton.jit
@@ -194,6 +197,8 @@ def lstm_fwd(
     Returns:
         (y [D, T, B, P], h_n [D, B, P], c_n [D, B, H], gates or None, cs or None); y/h_n/c_n in the input dtype.
     """
+    if config.path == "cooperative":
+        return lstm_fwd_coop(gx, w_hh, h0.to(gx.dtype), c0, lengths, config, save)
     D, T, B, G = gx.shape
     H = G // 4
     P = w_hh.shape[2]
