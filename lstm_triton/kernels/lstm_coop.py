@@ -45,13 +45,26 @@ DEFAULT_MAX_SPIN = 1 << 26  # ≈ seconds of polling an L2 atomic: far beyond an
 
 @triton.jit
 def _wait_for(counter_ptr, target, max_spin, ok):
-    """Spin until *counter_ptr ≥ target (acquire), at most max_spin polls. Returns whether it got there."""
+    """Spin until *counter_ptr ≥ target (acquire), at most max_spin polls. Returns whether it got there.
+
+    A scalar atomic is performed by one thread of the program; the barrier after it makes what that thread
+    acquired ordered before every thread's subsequent loads.
+    """
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
     spins = 0
     while ok & (seen < target) & (spins < max_spin):
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
         spins += 1
+    tl.debug_barrier()
     return ok & (seen >= target)
+
+
+@triton.jit
+def _publish(counter_ptr):
+    """Count this program's step as done. The barrier first makes every thread's stores of the step part of
+    what the (single-thread) release publishes."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release")
 
 
 @triton.jit
@@ -112,8 +125,7 @@ def _lstm_fwd_coop_kernel(
         if SAVE:
             tl.store(gates_ptr + d * stride_gd + s64 * B * G + off_g, tl.where(valid, act, 0.0), mask=m_g)
             tl.store(cs_ptr + d * stride_cd + (s64 + 1) * B * H + off_h, c, mask=m_h)
-        # Release: the stores above are visible to whoever acquires the incremented counter.
-        tl.atomic_add(counter, 1, sem="release")
+        _publish(counter)  # the stores above are visible to whoever acquires the incremented counter
     tl.store(c_st_ptr + d * B * H + off_h, c, mask=m_h)
     if s_end == T:
         tl.store(hn_ptr + d * B * H + off_h, h_own, mask=m_h)
@@ -187,7 +199,7 @@ def _lstm_bwd_coop_kernel(
         partial = mma(dgates.to(w.dtype), w, tl.zeros((BLOCK_B, BLOCK_K), acc_ty), DOT_PRECISION, UPCAST_DOT)
         tl.store(part_ptr + ((s % 2) * ND + d) * NH * B * BLOCK_K + pid_h * B * BLOCK_K
                  + rb[:, None] * BLOCK_K + rk[None, :], partial, mask=m_k)
-        tl.atomic_add(counter, 1, sem="release")
+        _publish(counter)
     tl.store(dh_st_ptr + d * B * H + off_h, dh, mask=m_h)
     tl.store(dc_st_ptr + d * B * H + off_h, dc, mask=m_h)
     if finalize:
