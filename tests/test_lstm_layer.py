@@ -262,3 +262,27 @@ def test_recompute_option_gives_the_same_gradients(path):
         assert torch.equal(a, b)
     for k in grads:
         assert torch.equal(grads[k], grads_r[k]), k
+
+
+def test_tf32_only_when_asked_or_allowed(monkeypatch):
+    """float32 is exact ('ieee') by default; TF32 follows torch.backends.cuda.matmul.allow_tf32 or the argument."""
+    import lstm_triton.ops as ops
+
+    assert select_config(8, 20, torch.float32).dot_precision == "ieee"
+    assert select_config(8, 20, torch.float32, allow_tf32=True).dot_precision == "tf32"
+    assert select_config(8, 20, torch.bfloat16, allow_tf32=True).dot_precision == "ieee"
+    seen = []
+    real = ops.select_config
+    monkeypatch.setattr(ops, "select_config", lambda *a, **k: seen.append(k["allow_tf32"]) or real(*a, **k))
+    p = make_layer_problem(2, 2, 3, 16, dtype=torch.float32)
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        with torch.no_grad():
+            torch.backends.cuda.matmul.allow_tf32 = False
+            lstm_layer(**p)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            lstm_layer(**p)
+            lstm_layer(**p, allow_tf32=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+    assert seen == [False, True, False]
