@@ -94,3 +94,29 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def unit_tile(pid_b, pid_h, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The tile a program owns: batch rows rb, hidden units rh and their interleaved gate columns rg; the
+    masks of rows (mb), of [rows, units] (m_h) and [rows, gate columns] (m_g); row-major offsets into
+    [B, H] (off_h) and [B, 4H] (off_g) tensors."""
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rg = pid_h * 4 * BLOCK_H + tl.arange(0, 4 * BLOCK_H)
+    mb = rb < B
+    m_h = mb[:, None] & (rh < H)[None, :]
+    m_g = mb[:, None] & (rg < 4 * H)[None, :]
+    off_h = rb[:, None] * H + rh[None, :]
+    off_g = rb[:, None] * (4 * H) + rg[None, :]
+    return rb, rh, rg, mb, m_h, m_g, off_h, off_g
+
+
+@triton.jit
+def sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS: tl.constexpr):
+    """Each row's sequence length (T for every row without lengths; 0 for rows past B)."""
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rb, mask=mb, other=0)
+    else:
+        lens = tl.where(mb, T, 0)
+    return lens

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._buffers import new_output
-from ._gates import cell_backward, mma
+from ._gates import cell_backward, mma, sequence_lengths, unit_tile
 from .config import LSTMKernelConfig
 from .lstm_coop import lstm_bwd_coop
 from .lstm_fwd import valid_rows
@@ -49,17 +49,10 @@ def _lstm_bwd_persistent_kernel(
     G = 4 * H
     pid = tl.program_id(0)
     d = tl.program_id(1)
-    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = tl.arange(0, BLOCK_H)
+    rb, rh, rg, mb, m_h, m_g, off_h, off_g = unit_tile(pid, 0, B, H, BLOCK_B, BLOCK_H)
     rp = tl.arange(0, BLOCK_P)
-    rg = tl.arange(0, 4 * BLOCK_H)
-    mb = rb < B
-    m_h = mb[:, None] & (rh < H)[None, :]
     m_p = mb[:, None] & (rp < P)[None, :]
-    m_g = mb[:, None] & (rg < G)[None, :]
-    off_h = rb[:, None] * H + rh[None, :]
     off_p = rb[:, None] * P + rp[None, :]
-    off_g = rb[:, None] * G + rg[None, :]
 
     # W_hh [4·BLOCK_H, BLOCK_P] (and W_hr [BLOCK_P, BLOCK_H]) read once for all T steps.
     w = tl.load(w_hh_ptr + d * G * P + rg[:, None] * P + rp[None, :],
@@ -69,10 +62,7 @@ def _lstm_bwd_persistent_kernel(
                      mask=(rp < P)[:, None] & (rh < H)[None, :], other=0.0)
     dh = tl.load(dhn_ptr + d * B * P + off_p, mask=m_p, other=0.0).to(acc_ty)
     dc = tl.load(dcn_ptr + d * B * H + off_h, mask=m_h, other=0.0).to(acc_ty)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.where(mb, T, 0)
+    lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
     tile_len = tl.max(lens, axis=0)
 
     # Every per-step pointer starts at step T-1 and walks back (64-bit pointer arithmetic).
@@ -135,14 +125,8 @@ def _lstm_bwd_step_kernel(
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     d = tl.program_id(2)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    rg = pid_h * 4 * BLOCK_H + tl.arange(0, 4 * BLOCK_H)
-    mb = rb < B
-    m_h = mb[:, None] & (rh < H)[None, :]
-    m_g = mb[:, None] & (rg < G)[None, :]
-    off_h = rb[:, None] * H + rh[None, :]
-    off_g = d * stride_gd + rb[:, None] * G + rg[None, :]
+    rb, rh, rg, mb, m_h, m_g, off_h, off_g = unit_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+    off_g += d * stride_gd
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rb, mask=mb, other=0)
     else:

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._buffers import new_output
-from ._gates import cell_backward, cell_forward, mma
+from ._gates import cell_backward, cell_forward, mma, sequence_lengths, unit_tile
 from .config import LSTMKernelConfig
 
 DEFAULT_MAX_SPIN = 1 << 26  # ≈ seconds of polling an L2 atomic: far beyond any healthy step
@@ -84,20 +84,10 @@ def _lstm_fwd_coop_kernel(
     d = tl.program_id(2)
     NH = tl.num_programs(1)
     ND = tl.num_programs(2)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    rg = pid_h * 4 * BLOCK_H + tl.arange(0, 4 * BLOCK_H)
+    rb, rh, rg, mb, m_h, m_g, off_h, off_g = unit_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     rk = tl.arange(0, BLOCK_K)
-    mb = rb < B
-    m_h = mb[:, None] & (rh < H)[None, :]
-    m_g = mb[:, None] & (rg < G)[None, :]
     m_k = mb[:, None] & (rk < H)[None, :]
-    off_h = rb[:, None] * H + rh[None, :]
-    off_g = rb[:, None] * G + rg[None, :]
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.where(mb, T, 0)
+    lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
 
     # This program's W_hhᵀ columns [BLOCK_K, 4·BLOCK_H], on chip for every step of the launch.
     w_t = tl.load(w_hh_ptr + d * G * H + rg[None, :] * H + rk[:, None],
@@ -152,21 +142,11 @@ def _lstm_bwd_coop_kernel(
     d = tl.program_id(2)
     NH = tl.num_programs(1)
     ND = tl.num_programs(2)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    rg = pid_h * 4 * BLOCK_H + tl.arange(0, 4 * BLOCK_H)
+    rb, rh, rg, mb, m_h, m_g, off_h, off_g = unit_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     rk = tl.arange(0, BLOCK_K)
-    mb = rb < B
-    m_h = mb[:, None] & (rh < H)[None, :]
-    m_g = mb[:, None] & (rg < G)[None, :]
     m_k = mb[:, None] & (rk < H)[None, :]
-    off_h = rb[:, None] * H + rh[None, :]
-    off_g = rb[:, None] * G + rg[None, :]
     part_row = rb[:, None] * BLOCK_K + rh[None, :]  # this program's units inside one [B, BLOCK_K] partial
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.where(mb, T, 0)
+    lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
 
     # This program's W_hh rows [4·BLOCK_H, BLOCK_K], on chip for every step of the launch.
     w = tl.load(w_hh_ptr + d * G * H + rg[:, None] * H + rk[None, :],

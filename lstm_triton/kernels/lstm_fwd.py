@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._buffers import new_output
-from ._gates import cell_forward, mma
+from ._gates import cell_forward, mma, sequence_lengths, unit_tile
 from .config import LSTMKernelConfig
 from .lstm_coop import lstm_fwd_coop
 
@@ -56,17 +56,10 @@ def _lstm_fwd_persistent_kernel(
     G = 4 * H
     pid = tl.program_id(0)
     d = tl.program_id(1)
-    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = tl.arange(0, BLOCK_H)
+    rb, rh, rg, mb, m_h, m_g, off_h, off_g = unit_tile(pid, 0, B, H, BLOCK_B, BLOCK_H)
     rp = tl.arange(0, BLOCK_P)
-    rg = tl.arange(0, 4 * BLOCK_H)
-    mb = rb < B
-    m_h = mb[:, None] & (rh < H)[None, :]
     m_p = mb[:, None] & (rp < P)[None, :]
-    m_g = mb[:, None] & (rg < G)[None, :]
-    off_h = rb[:, None] * H + rh[None, :]
     off_p = rb[:, None] * P + rp[None, :]
-    off_g = rb[:, None] * G + rg[None, :]
 
     # W_hhᵀ [BLOCK_P, 4·BLOCK_H] (and W_hrᵀ [BLOCK_H, BLOCK_P]) read once, reused by every step. Padded units
     # get zero weights and zero pre-activations, so their c stays 0 and h = σ(0)·tanh(0) = 0.
@@ -77,10 +70,7 @@ def _lstm_fwd_persistent_kernel(
                        mask=(rh < H)[:, None] & (rp < P)[None, :], other=0.0)
     h = tl.load(h0_ptr + d * B * P + off_p, mask=m_p, other=0.0).to(w_t.dtype)
     c = tl.load(c0_ptr + d * B * H + off_h, mask=m_h, other=0.0).to(acc_ty)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.where(mb, T, 0)
+    lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
     tile_len = tl.max(lens, axis=0)
 
     # Per-direction strides come from the launcher (Triton passes them as 64-bit once they exceed 2³¹), and
@@ -139,14 +129,8 @@ def _lstm_fwd_step_kernel(
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     d = tl.program_id(2)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    rg = pid_h * 4 * BLOCK_H + tl.arange(0, 4 * BLOCK_H)
-    mb = rb < B
-    m_h = mb[:, None] & (rh < H)[None, :]
-    m_g = mb[:, None] & (rg < G)[None, :]
-    off_h = d * B * H + rb[:, None] * H + rh[None, :]
-    off_g = rb[:, None] * G + rg[None, :]
+    rb, rh, rg, mb, m_h, m_g, off_h, off_g = unit_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+    off_h += d * B * H
     if HAS_LENGTHS:
         valid = (s < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
     else:
