@@ -69,13 +69,22 @@ def _lstm_dirs_fwd(
     Returns y [D, T, B, P], h_n, c_n and (when save) the kernel's saved gates and cell states."""
     D, T, B, I = x.shape
     H, P = w_hh.shape[1] // 4, w_hh.shape[2]
-    w_ih_t = _interleave(w_ih).transpose(1, 2)
-    xs = x.reshape(D, T * B, I)
-    gx = torch.baddbmm(_interleave(bias).unsqueeze(1), xs, w_ih_t) if bias is not None else torch.bmm(xs, w_ih_t)
-    y, h_n, c_n, gates, cs = lstm_fwd(
-        gx.view(D, T, B, 4 * H), _interleave(w_hh), w_hr, h0, c0, lengths,
-        _config(x, H, P, w_hr is not None, path, allow_tf32), save=save,
-    )
+    bias_p = None if bias is None else _interleave(bias)
+    if T == 1 and w_hr is None and path in ("auto", "stepwise"):
+        # A single step (LSTMCell, decoding): one kernel computes x·W_ihᵀ + h·W_hhᵀ + bias and the update.
+        config = _config(x, H, P, False, "stepwise", allow_tf32)
+        y, h_n, c_n, gates, cs = lstm_fwd(
+            None, _interleave(w_hh), None, h0, c0, lengths, config, save=save,
+            fused_input=(x.contiguous(), _interleave(w_ih), bias_p),
+        )
+    else:
+        w_ih_t = _interleave(w_ih).transpose(1, 2)
+        xs = x.reshape(D, T * B, I)
+        gx = torch.baddbmm(bias_p.unsqueeze(1), xs, w_ih_t) if bias is not None else torch.bmm(xs, w_ih_t)
+        y, h_n, c_n, gates, cs = lstm_fwd(
+            gx.view(D, T, B, 4 * H), _interleave(w_hh), w_hr, h0, c0, lengths,
+            _config(x, H, P, w_hr is not None, path, allow_tf32), save=save,
+        )
     if not save:
         gates, cs = (x.new_empty(0, dtype=_acc_dtype(x.dtype)) for _ in range(2))
     return y, h_n, c_n, gates, cs

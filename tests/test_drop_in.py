@@ -415,3 +415,28 @@ def test_convert_and_back():
     lstm_triton.to_torch(model)
     assert type(model[1]) is nn.LSTM and model[1].weight_hh_l0 is w
     assert type(lstm_triton.convert(nn.LSTM(2, 3))) is lstm_triton.LSTM
+
+
+def test_cell_step_is_one_fused_kernel(monkeypatch):
+    """An LSTMCell step is a single kernel launch that also computes the input projection."""
+    from lstm_triton.kernels import lstm_fwd as fwd_module
+
+    launches = []
+    real = fwd_module._lstm_fwd_step_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["FUSE_INPUT"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fwd_module, "_lstm_fwd_step_kernel", Spy())
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: pytest.fail("no separate input GEMM expected"))
+    ours, ref = pair(4, 6, cls=(lstm_triton.LSTMCell, nn.LSTMCell))
+    x = torch.randn(3, 4, dtype=F64)
+    with torch.no_grad():
+        out = ours(x)
+    assert launches == [True]
+    for a, b in zip(out, ref(x)):
+        assert rel_err(a, b) < 1e-12

@@ -120,3 +120,16 @@ def sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS: tl.constexpr):
     else:
         lens = tl.where(mb, T, 0)
     return lens
+
+
+@triton.jit
+def add_rows_times_wt(pre, a_ptr, w_ptr, K, rb, mb, rg, G, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """pre + a[rb, :K] · w[rg, :K]ᵀ, reduced over K in BLOCK_K chunks (a [*, K] and w [G, K] row-major)."""
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < K
+        a_k = tl.load(a_ptr + rb[:, None] * K + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        w_k = tl.load(w_ptr + rg[None, :] * K + rk[:, None], mask=mk[:, None] & (rg < G)[None, :], other=0.0)
+        pre = mma(a_k, w_k, pre, DOT_PRECISION, UPCAST_DOT)
+    return pre

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._buffers import new_output
-from ._gates import cell_forward, mma, sequence_lengths, unit_tile
+from ._gates import add_rows_times_wt, cell_forward, mma, sequence_lengths, unit_tile
 from .config import LSTMKernelConfig
 from .lstm_coop import lstm_fwd_coop
 
@@ -113,14 +113,17 @@ def _lstm_fwd_persistent_kernel(
 
 @triton.jit
 def _lstm_fwd_step_kernel(
-    gx_ptr, w_hh_ptr, h_prev_ptr, c_prev_ptr, len_ptr,
+    gx_ptr, x_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_prev_ptr, c_prev_ptr, len_ptr,
     out_ptr, h_next_ptr, c_next_ptr, gates_ptr,
-    s, B, H, P, stride_gd, stride_yd,
+    s, B, H, P, I, stride_gd, stride_yd,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSE_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # One step s. gx/gates (and y) point at step s of direction 0; direction d adds d·stride_gd (d·stride_yd).
+    # FUSE_INPUT (a single step, e.g. LSTMCell): no gx; the step computes bias + x·W_ihᵀ itself from
+    # x [D, B, I], w_ih [D, G, I] and bias [D, G] — the whole step is this one kernel.
     # h_prev/h_next [D, B, P] and c_prev/c_next [D, B, H] are the state before/after the step (ping-pong).
     # Without projection out = y[:, s] gets h_t; with it out = [D, B, H] scratch gets o⊙tanh(c) and the caller
     # applies W_hr (a projection needs every unit of the row, which this program does not own).
@@ -136,14 +139,16 @@ def _lstm_fwd_step_kernel(
     else:
         valid = tl.full((BLOCK_B, 1), 1, tl.int1)
 
-    pre = tl.load(gx_ptr + d * stride_gd + off_g, mask=m_g, other=0.0).to(acc_ty)
-    w_d = w_hh_ptr + d * G * P
-    for k0 in range(0, P, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        mk = rk < P
-        h_k = tl.load(h_prev_ptr + d * B * P + rb[:, None] * P + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        w_k = tl.load(w_d + rg[None, :] * P + rk[:, None], mask=mk[:, None] & (rg < G)[None, :], other=0.0)
-        pre = mma(h_k, w_k, pre, DOT_PRECISION, UPCAST_DOT)
+    if FUSE_INPUT:
+        pre = tl.zeros((BLOCK_B, 4 * BLOCK_H), acc_ty)
+        if HAS_BIAS:
+            pre += tl.load(bias_ptr + d * G + rg, mask=rg < G, other=0.0).to(acc_ty)[None, :]
+        pre = add_rows_times_wt(pre, x_ptr + d * B * I, w_ih_ptr + d * G * I, I, rb, mb, rg, G, BLOCK_K,
+                                DOT_PRECISION, UPCAST_DOT)
+    else:
+        pre = tl.load(gx_ptr + d * stride_gd + off_g, mask=m_g, other=0.0).to(acc_ty)
+    pre = add_rows_times_wt(pre, h_prev_ptr + d * B * P, w_hh_ptr + d * G * P, P, rb, mb, rg, G, BLOCK_K,
+                            DOT_PRECISION, UPCAST_DOT)
     c_prev = tl.load(c_prev_ptr + off_h, mask=m_h, other=0.0)
     act, c, h = cell_forward(pre, c_prev, BLOCK_B, BLOCK_H)
     tl.store(c_next_ptr + off_h, tl.where(valid, c, c_prev), mask=m_h)
@@ -159,7 +164,7 @@ def _lstm_fwd_step_kernel(
 
 
 def lstm_fwd(
-    gx: torch.Tensor,
+    gx: Optional[torch.Tensor],
     w_hh: torch.Tensor,
     w_hr: Optional[torch.Tensor],
     h0: torch.Tensor,
@@ -167,11 +172,14 @@ def lstm_fwd(
     lengths: Optional[torch.Tensor],
     config: LSTMKernelConfig,
     save: bool,
+    fused_input: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Run the recurrence of D directions over all T steps (each direction in its own step order).
 
     Args:
-        gx:   [D, T, B, 4H] input projections with both biases, interleaved gate columns, input dtype.
+        gx:   [D, T, B, 4H] input projections with both biases, interleaved gate columns, input dtype; or None
+              with ``fused_input = (x [D, 1, B, I], w_ih [D, 4H, I], bias [D, 4H] or None)`` (interleaved rows):
+              a single step whose one stepwise kernel also computes the input projection (``LSTMCell``).
         w_hh: [D, 4H, P] recurrent weights, rows interleaved the same way, input dtype.
         w_hr: [D, P, H] projection weights or None (then P = H).
         h0:   [D, B, P];  c0: [D, B, H] (any float dtype).
@@ -181,6 +189,11 @@ def lstm_fwd(
     Returns:
         (y [D, T, B, P], h_n [D, B, P], c_n [D, B, H], gates or None, cs or None); y/h_n/c_n in the input dtype.
     """
+    if fused_input is not None:
+        x, w_ih, bias = fused_input
+        if config.path != "stepwise" or x.shape[1] != 1:
+            raise ValueError("the fused input projection runs a single step on the stepwise path")
+        gx = x.new_empty(x.shape[0], 1, x.shape[2], w_hh.shape[1])  # shape and dtype only: never read
     if config.path == "cooperative":
         return lstm_fwd_coop(gx, w_hh, h0.to(gx.dtype), c0, lengths, config, save)
     D, T, B, G = gx.shape
@@ -225,14 +238,17 @@ def lstm_fwd(
         c_buf[0].copy_(c0)
     m_buf = new_output(D, B, H, device=dev, dtype=dtype) if has_proj else None
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_h), D)
+    x, w_ih, bias = fused_input if fused_input is not None else (stub, stub, None)
+    I = x.shape[-1] if fused_input is not None else 1
     for s in range(T):
         h_prev, h_next = h_buf[s % 2], h_buf[(s + 1) % 2]
         c_prev, c_next = (c_buf[:, s], c_buf[:, s + 1]) if save else (c_buf[s % 2], c_buf[(s + 1) % 2])
         _lstm_fwd_step_kernel[grid](
-            gx[0, s], w_hh, h_prev, c_prev, len_arg,
+            gx[0, s], x, w_ih, bias if bias is not None else stub, w_hh, h_prev, c_prev, len_arg,
             m_buf if has_proj else y[0, s], h_next, c_next, gates[0, s] if save else stub_acc,
-            s, B, H, P, T * B * G, T * B * P,
+            s, B, H, P, I, T * B * G, T * B * P,
             BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
+            FUSE_INPUT=fused_input is not None, HAS_BIAS=bias is not None,
             HAS_PROJ=has_proj, HAS_LENGTHS=has_len, SAVE_GATES=save,
             DOT_PRECISION=config.dot_precision, UPCAST_DOT=config.upcast_dot,
             num_warps=config.num_warps, num_stages=config.num_stages,
