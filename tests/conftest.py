@@ -14,7 +14,10 @@ import pytest  # noqa: E402
 
 from lstm_triton.kernels import _buffers  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import DEVICE  # noqa: E402
+
+# Parity with cuDNN in float32 means exact float32 there too (cuDNN would use TF32 by default).
+torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+# The kernels are tested on the GPU when there is one, else on the CPU through Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # Finite-difference-free checks compare with the float64 reference. The error measure is
 # max|a - b| / max(1, max|ref|): relative for large tensors, absolute near zero.
 
@@ -14,7 +17,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
 
 
-def make_layer_problem(T, B, I, H, dtype=torch.float64, device="cpu", with_state=True, bias=True, seed=0):
+def make_layer_problem(T, B, I, H, dtype=torch.float64, device=DEVICE, with_state=True, bias=True, seed=0):
     """Inputs and weights of one layer in torch.nn.LSTM's layout, drawn with torch.nn.LSTM's init scale."""
     g = torch.Generator().manual_seed(seed)
     k = H ** -0.5

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
 import lstm_triton
-from helpers import rel_err
+from helpers import DEVICE, rel_err
 
 F64 = torch.float64
 
@@ -37,7 +37,7 @@ def run(module, x, hx=None):
     out, (h, c) = module(x, hx)
     out = out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out
     g = torch.Generator().manual_seed(7)
-    loss = sum((t * torch.randn(t.shape, generator=g, dtype=F64).to(t.dtype)).sum() for t in (out, h, c))
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=F64).to(t.device, t.dtype)).sum() for t in (out, h, c))
     leaves = [data] + ([] if hx is None else list(hx)) + [p for p in module.parameters()]
     return [out, h, c], torch.autograd.grad(loss, leaves)
 
@@ -47,6 +47,10 @@ def fresh(t):
 
 
 def assert_parity(ours, ref, x, hx=None, tol=1e-12):
+    """On a GPU both modules, the input and hx move there (ours on the kernels, torch on cuDNN / its CUDA LSTM)."""
+    ours.to(DEVICE), ref.to(DEVICE)
+    x = x.to(DEVICE)
+    hx = None if hx is None else tuple(t.to(DEVICE) for t in hx)
     if isinstance(x, nn.utils.rnn.PackedSequence):
         x2 = nn.utils.rnn.PackedSequence(x.data.detach().clone(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
         x1 = nn.utils.rnn.PackedSequence(x.data.detach().clone(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)

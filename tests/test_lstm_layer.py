@@ -9,7 +9,7 @@ Bounds, per dtype:
 import pytest
 import torch
 
-from helpers import make_layer_problem, rel_err, run_with_grads
+from helpers import DEVICE, make_layer_problem, rel_err, run_with_grads
 from lstm_triton import lstm_layer, lstm_layer_reference
 from lstm_triton.kernels import config as kernel_config
 from lstm_triton.kernels import select_config
@@ -148,8 +148,8 @@ def test_cooperative_wait_is_bounded(monkeypatch):
     monkeypatch.setattr(kernel_config, "PERSISTENT_MAX_TILE_BYTES", 8192)
     p = make_layer_problem(2, 3, 4, 33, dtype=torch.float32)
     cfg = select_config(3, 33, torch.float32, path="cooperative")
-    gx = torch.randn(1, 2, 3, 4 * 33)
-    w = torch.randn(1, 4 * 33, 33)
+    gx = torch.randn(1, 2, 3, 4 * 33, device=DEVICE)
+    w = torch.randn(1, 4 * 33, 33, device=DEVICE)
     monkeypatch.setattr(lstm_coop, "_step_ranges", lambda T: [(1, 2)])
     with pytest.raises(RuntimeError, match="timed out waiting for another program"):
         lstm_coop.lstm_fwd_coop(gx, w, p["h0"][None], p["c0"][None], None, cfg, save=False, max_spin=20)
@@ -183,7 +183,7 @@ def test_outputs_are_poisoned_before_kernels_run():
     """The guard itself: a fresh kernel output is all NaN, so an element no kernel writes cannot pass."""
     from lstm_triton.kernels._buffers import new_output
 
-    assert torch.isnan(new_output(3, 4, dtype=torch.float32, device=torch.device("cpu"))).all()
+    assert torch.isnan(new_output(3, 4, dtype=torch.float32, device=torch.device(DEVICE))).all()
 
 
 FEATURES = [
@@ -210,13 +210,13 @@ def test_layer_projection_lengths_reverse(feat, path):
     g = torch.Generator().manual_seed(3)
     P = feat["proj"] or H
     if feat["proj"]:
-        p["w_hr"] = (torch.rand(P, H, generator=g, dtype=torch.float64) * 2 - 1) * H ** -0.5
-        p["h0"] = torch.randn(B, P, generator=g, dtype=torch.float64)
-        p["w_hh"] = (torch.rand(4 * H, P, generator=g, dtype=torch.float64) * 2 - 1) * H ** -0.5
+        p["w_hr"] = ((torch.rand(P, H, generator=g, dtype=torch.float64) * 2 - 1) * H ** -0.5).to(DEVICE)
+        p["h0"] = torch.randn(B, P, generator=g, dtype=torch.float64).to(DEVICE)
+        p["w_hh"] = ((torch.rand(4 * H, P, generator=g, dtype=torch.float64) * 2 - 1) * H ** -0.5).to(DEVICE)
     lengths = feat["lengths"]
 
     def ours(**a):
-        lens = None if lengths is None else torch.tensor(lengths)
+        lens = None if lengths is None else torch.tensor(lengths, device=DEVICE)
         return lstm_layer(**a, lengths=lens, reverse=feat["reverse"], path=path)
 
     def ref(**a):
