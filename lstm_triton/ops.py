@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .kernels import lstm_bwd, lstm_fwd, select_config
+from .kernels.config import check_offset_limits
 from .reference import lstm_layer_reference
 
 __all__ = ["lstm_layer", "lstm_layer_directions", "reverse_sequences", "triton_enabled"]
@@ -252,6 +253,7 @@ def lstm_layer_directions(
         raise ValueError("lstm_layer: pass both biases or neither")
     if allow_tf32 is None:
         allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    check_offset_limits(B, H, P, w_ih[0].shape[1])
     h0 = x.new_zeros(D, B, P) if h0 is None else h0
     c0 = x.new_zeros(D, B, H) if c0 is None else c0
     if B == 0:  # nothing for a kernel to do; the reference keeps shapes and autograd right

@@ -66,6 +66,21 @@ def cooperative_programs(B: int, H: int, dtype: torch.dtype, directions: int = 1
     return triton.cdiv(B, 16) * triton.cdiv(H, block_h) * directions if block_h else 0
 
 
+INT32_MAX = 2**31 - 1
+
+
+def check_offset_limits(B: int, H: int, P: int, I: int = 0) -> None:
+    """The kernels address elements *within one step* (a batch row's gate column, a weight row's column) with
+    32-bit offsets; steps and directions advance 64-bit pointers. Refuse, before any launch, what would not fit."""
+    extents = {"B·4H": B * 4 * H, "B·P": B * P, "4H·P": 4 * H * P, "4H·I": 4 * H * I, "B·I": B * I}
+    for name, n in extents.items():
+        if n > INT32_MAX:
+            raise ValueError(
+                f"lstm_triton: {name} = {n} exceeds the kernels' 32-bit in-step offset limit of 2³¹ − 1 = {INT32_MAX}; "
+                "split the batch (or the layer) into smaller calls"
+            )
+
+
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._buffers import new_output
 from ._gates import cell_backward, mma, sequence_lengths, unit_tile
-from .config import LSTMKernelConfig
+from .config import LSTMKernelConfig, check_offset_limits
 from .lstm_coop import lstm_bwd_coop
 from .lstm_fwd import valid_rows
 
@@ -180,6 +180,7 @@ def lstm_bwd(
         (dgates [D, T, B, 4H], dh [D, T, B, P] with projection else None, dh0 [D, B, P], dc0 [D, B, H]),
         all in the accumulation dtype.
     """
+    check_offset_limits(gates.shape[2], gates.shape[3] // 4, w_hh.shape[2])
     if config.path == "cooperative":
         return lstm_bwd_coop(dy, dh_n, dc_n, gates, cs, w_hh, lengths, config)
     D, T, B, G = gates.shape

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._buffers import new_output
 from ._gates import add_rows_times_wt, cell_forward, mma, sequence_lengths, unit_tile
-from .config import LSTMKernelConfig
+from .config import LSTMKernelConfig, check_offset_limits
 from .lstm_coop import lstm_fwd_coop
 
 
@@ -189,6 +189,8 @@ def lstm_fwd(
     Returns:
         (y [D, T, B, P], h_n [D, B, P], c_n [D, B, H], gates or None, cs or None); y/h_n/c_n in the input dtype.
     """
+    batch = (gx if gx is not None else fused_input[0]).shape[2]
+    check_offset_limits(batch, w_hh.shape[1] // 4, w_hh.shape[2], fused_input[0].shape[-1] if fused_input else 0)
     if fused_input is not None:
         x, w_ih, bias = fused_input
         if config.path != "stepwise" or x.shape[1] != 1:
