@@ -18,7 +18,7 @@ SHAPES = [  # (T, B, I, H)
     (1, 1, 4, 16),  # a single step, a single sequence, H exactly one tile
     (5, 3, 7, 20),  # H not a power of two
     (4, 17, 8, 33),  # B not a multiple of the 16-row batch tile; H one past a power of two
-    (3, 2, 5, 64),  # the largest float32 persistent tile
+    (3, 2, 5, 64),  # a 64-unit tile: persistent only when forced
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 PATHS = ["persistent", "cooperative", "stepwise"]
@@ -30,7 +30,7 @@ def _split_hidden_units_on_cooperative_path(request, monkeypatch):
     path split them over several programs (e.g. H=33 in float32: 5 programs of 8 units), so the h exchange,
     the step counters and the partial-sum reduction all run."""
     if "cooperative" in request.node.name:
-        monkeypatch.setattr(kernel_config, "PERSISTENT_MAX_TILE_BYTES", 8192)
+        monkeypatch.setattr(kernel_config, "COOPERATIVE_MAX_TILE_BYTES", 8192)
 
 
 def shape_id(s):
@@ -132,12 +132,12 @@ def test_no_grad_forward_saves_nothing_and_matches():
 
 def test_cooperative_split_is_real():
     """Guard for the fixture above: at its budget, the cooperative path really runs several programs."""
-    kernel_config.PERSISTENT_MAX_TILE_BYTES, saved = 8192, kernel_config.PERSISTENT_MAX_TILE_BYTES
+    kernel_config.COOPERATIVE_MAX_TILE_BYTES, saved = 8192, kernel_config.COOPERATIVE_MAX_TILE_BYTES
     try:
         assert kernel_config.cooperative_programs(17, 33, torch.float32) == 2 * 5
         assert select_config(17, 33, torch.float64, path="cooperative").block_h == 4
     finally:
-        kernel_config.PERSISTENT_MAX_TILE_BYTES = saved
+        kernel_config.COOPERATIVE_MAX_TILE_BYTES = saved
 
 
 def test_cooperative_wait_is_bounded(monkeypatch):
@@ -145,7 +145,7 @@ def test_cooperative_wait_is_bounded(monkeypatch):
     step 1 without step 0 ever having published h."""
     from lstm_triton.kernels import lstm_coop
 
-    monkeypatch.setattr(kernel_config, "PERSISTENT_MAX_TILE_BYTES", 8192)
+    monkeypatch.setattr(kernel_config, "COOPERATIVE_MAX_TILE_BYTES", 8192)
     p = make_layer_problem(2, 3, 4, 33, dtype=torch.float32)
     cfg = select_config(3, 33, torch.float32, path="cooperative")
     gx = torch.randn(1, 2, 3, 4 * 33, device=DEVICE)
@@ -156,17 +156,13 @@ def test_cooperative_wait_is_bounded(monkeypatch):
 
 
 def test_dispatcher_choice():
-    assert select_config(8, 20, torch.float32).path == "persistent"
-    assert select_config(8, 64, torch.float32).path == "persistent"
-    assert select_config(8, 65, torch.float32).path == "stepwise"
-    # Persistent iff one program's W_hh tile (4·HP² elements) fits the on-chip budget.
-    from lstm_triton.kernels.config import PERSISTENT_MAX_TILE_BYTES
-
-    for H in (16, 20, 33, 64, 100, 128, 256, 1024):
-        HP = max(16, 1 << (H - 1).bit_length())
-        for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)):
-            fits = 4 * HP * HP * size <= PERSISTENT_MAX_TILE_BYTES
-            assert select_config(8, H, dtype).path == ("persistent" if fits else "stepwise"), (H, dtype)
+    # Persistent up to the spill-free caps: HP ≤ 32 in 16-bit without projection, else HP (and PP) ≤ 16.
+    assert select_config(8, 16, torch.float32).path == "persistent"
+    assert select_config(8, 17, torch.float32).path == "stepwise"
+    assert select_config(8, 32, torch.bfloat16).path == "persistent"
+    assert select_config(8, 33, torch.float16).path == "stepwise"
+    assert select_config(8, 32, torch.bfloat16, proj_size=8).path == "stepwise"
+    assert select_config(8, 16, torch.bfloat16, proj_size=8).path == "persistent"
     assert select_config(8, 20, torch.float32, path="stepwise").path == "stepwise"
     # Cooperative only when the whole grid can be resident (and never with a projection).
     assert select_config(16, 1024, torch.bfloat16, resident_programs=132).path == "cooperative"
@@ -175,6 +171,9 @@ def test_dispatcher_choice():
     assert select_config(256, 1024, torch.bfloat16, resident_programs=132).path == "stepwise"
     assert select_config(16, 1024, torch.bfloat16, proj_size=256, resident_programs=132).path == "stepwise"
     assert select_config(16, 1024, torch.float32, resident_programs=132).path == "stepwise"  # 256 programs
+    # Exact float32 dots are FMA, not tensor-core, and spill on the cooperative tile: never chosen for it.
+    assert select_config(16, 256, torch.float32, resident_programs=132).path == "stepwise"
+    assert select_config(16, 256, torch.float32, allow_tf32=True, resident_programs=132).path == "cooperative"
     with pytest.raises(ValueError, match="unknown LSTM kernel path"):
         select_config(8, 20, torch.float32, path="fast")
 

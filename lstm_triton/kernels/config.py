@@ -14,10 +14,14 @@ import triton
 PATHS = ("persistent", "cooperative", "stepwise")
 
 # The persistent path keeps one program's whole weight tile — W_hh (4·HP·PP elements) and, with a
-# projection, W_hr (PP·HP) — on chip for all T steps. 64 KiB is what a program of 8 warps holds in
-# registers without spilling on sm_80/sm_90 (tests/test_compile_targets.py records registers and spills
-# for the largest tile of each dtype).
-PERSISTENT_MAX_TILE_BYTES = 64 * 1024
+# projection, W_hr (PP·HP) — in registers for all T steps, beside the live fp32 gate tile [16, 4·HP]. The caps
+# are the largest tiles that compile without register spills for sm_80 and sm_90
+# (tests/test_compile_targets.py records registers, spills and shared memory for every specialization).
+PERSISTENT_MAX_HP_16BIT = 32  # float16 / bfloat16 without projection
+PERSISTENT_MAX_HP = 16  # float32 / float64, and any dtype with a projection
+
+# The cooperative path keeps 4·BLOCK_H rows of W_hh (all HP columns) per program on chip.
+COOPERATIVE_MAX_TILE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,11 @@ def padded(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def persistent_tile_bytes(H: int, dtype: torch.dtype, proj_size: int = 0) -> int:
-    HP, PP = padded(H), padded(proj_size or H)
-    elements = 4 * HP * PP + (PP * HP if proj_size else 0)
-    return elements * torch.tensor([], dtype=dtype).element_size()
-
-
 def persistent_fits(H: int, dtype: torch.dtype, proj_size: int = 0) -> bool:
-    """Whether one program can hold its whole weight tile on chip for the whole sequence."""
-    return persistent_tile_bytes(H, dtype, proj_size) <= PERSISTENT_MAX_TILE_BYTES
+    """Whether one program can hold its whole weight tile on chip for the whole sequence without spilling."""
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    cap = PERSISTENT_MAX_HP_16BIT if sixteen_bit and not proj_size else PERSISTENT_MAX_HP
+    return padded(H) <= cap and padded(proj_size or H) <= cap
 
 
 def cooperative_block_h(H: int, dtype: torch.dtype) -> int:
@@ -53,9 +53,9 @@ def cooperative_block_h(H: int, dtype: torch.dtype) -> int:
     HP columns) fit the on-chip budget; 0 if not even 4 units (the smallest 16-column dot) fit."""
     size = torch.tensor([], dtype=dtype).element_size()
     HP, block_h = padded(H), 4
-    if 4 * block_h * HP * size > PERSISTENT_MAX_TILE_BYTES:
+    if 4 * block_h * HP * size > COOPERATIVE_MAX_TILE_BYTES:
         return 0
-    while block_h * 2 <= HP and 4 * block_h * 2 * HP * size <= PERSISTENT_MAX_TILE_BYTES:
+    while block_h * 2 <= HP and 4 * block_h * 2 * HP * size <= COOPERATIVE_MAX_TILE_BYTES:
         block_h *= 2
     return block_h
 
@@ -98,14 +98,19 @@ def select_config(
     """The configuration the dispatcher runs for batch B, hidden size H, projection, directions and dtype.
 
     ``path="auto"``: the persistent path whenever one program's weight tile fits (:func:`persistent_fits`);
-    else the cooperative path when there is no projection and its grid fits ``resident_programs`` (the GPU's
-    SM count; 0 = unknown, as on the interpreter, which never picks it); else the stepwise path.
+    else the cooperative path when its dots run on tensor cores (not exact float32 or float64, whose FMA dots
+    spill there), there is no projection and its grid fits ``resident_programs`` (the GPU's SM count; 0 =
+    unknown, as on the interpreter, which never picks it); else the stepwise path.
     ``"persistent"``, ``"cooperative"`` or ``"stepwise"`` force one (tests compare them).
     """
     if path == "auto":
         if persistent_fits(H, dtype, proj_size):
             path = "persistent"
-        elif not proj_size and 0 < cooperative_programs(B, H, dtype, directions) <= resident_programs:
+        elif (
+            not proj_size
+            and (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32))
+            and 0 < cooperative_programs(B, H, dtype, directions) <= resident_programs
+        ):
             path = "cooperative"
         else:
             path = "stepwise"
