@@ -23,18 +23,18 @@ __all__ = ["LSTM", "LSTMCell"]
 
 
 def _check_same_device(input: Tensor, params, hidden) -> None:
-    # ATen's messages (RNN.cpp check_attributes / check_rnn_cell_forward_hidden), raised before any kernel.
-    for p in params:
-        if p is not None and p.device != input.device:
-            raise RuntimeError(
-                "Input and parameter tensors are not at the same device, found input tensor at "
-                f"{input.device} and parameter tensor at {p.device}"
-            )
+    # ATen's messages and order (RNN.cpp check_attributes: hidden first, then parameters), before any kernel.
     for h in hidden:
         if h.device != input.device:
             raise RuntimeError(
                 "Input and hidden tensors are not at the same device, found input tensor at "
                 f"{input.device} and hidden tensor at {h.device}"
+            )
+    for p in params:
+        if p is not None and p.device != input.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{input.device} and parameter tensor at {p.device}"
             )
 
 
@@ -138,6 +138,8 @@ class LSTM(nn.RNNBase):
                     )
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
             self.check_forward_args(input, hx, batch_sizes)
+        if len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
         _check_same_device(input, self._flat_weights, hx)
         _check_hidden_dtype(input, hx)
 
@@ -220,7 +222,9 @@ class LSTMCell(nn.LSTMCell):
     """
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
-        if not triton_enabled(input) or torch.jit.is_scripting():
+        well_formed = isinstance(input, Tensor) and (hx is None or (isinstance(hx, (tuple, list)) and len(hx) == 2))
+        if not well_formed or not triton_enabled(input) or torch.jit.is_scripting():
+            # torch's own module raises its own errors for malformed calls, and runs CPU tensors.
             return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -255,8 +259,11 @@ class LSTMCell(nn.LSTMCell):
                     f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, expected {self.hidden_size}"
                 )
         _check_same_device(input, (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh), hx)
-        for t in (*hx, self.weight_ih):
-            if t.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+        if torch._C._is_any_autocast_enabled():
+            return
+        # In ATen's order: input·W_ihᵀ first, then h·W_hhᵀ.
+        for a, w in ((input, self.weight_ih), (hx[0], self.weight_hh), (hx[1], self.weight_hh)):
+            if a.dtype != w.dtype:
                 raise RuntimeError(
-                    f"mat1 and mat2 must have the same dtype, but got {_dtype_name(input.dtype)} and {_dtype_name(t.dtype)}"
+                    f"mat1 and mat2 must have the same dtype, but got {_dtype_name(a.dtype)} and {_dtype_name(w.dtype)}"
                 )

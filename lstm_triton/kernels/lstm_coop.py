@@ -106,6 +106,7 @@ def _lstm_fwd_coop_kernel(
         h_prev = tl.load(hx_s + rb[:, None] * H + rk[None, :], mask=m_k, other=0.0, cache_modifier=".cg")
         pre = tl.load(gx_ptr + d * stride_gd + s64 * B * G + off_g, mask=m_g, other=0.0).to(acc_ty)
         pre = mma(h_prev, w_t, pre, DOT_PRECISION, UPCAST_DOT)
+        pre = tl.where((rg < G)[None, :], pre, 0.0)  # padded columns stay 0 even for h = ±inf (see lstm_fwd)
         act, c_new, h_new = cell_forward(pre, c, BLOCK_B, BLOCK_H)
         h_new = h_new.to(y_ptr.dtype.element_ty)
         c = tl.where(valid, c_new, c)

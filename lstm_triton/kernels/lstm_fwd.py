@@ -83,6 +83,9 @@ def _lstm_fwd_persistent_kernel(
         valid = (s < lens)[:, None]
         pre = tl.load(gx_s, mask=m_g, other=0.0).to(acc_ty)
         pre = mma(h, w_t, pre, DOT_PRECISION, UPCAST_DOT)
+        # Padded gate columns must stay exactly 0 even when h holds ±inf (inf·0 would make them NaN, and a
+        # NaN in a padded unit would flow into every unit through the next step's dot).
+        pre = tl.where((rg < G)[None, :], pre, 0.0)
         act, c_new, h_new = cell_forward(pre, c, BLOCK_B, BLOCK_H)
         if HAS_PROJ:
             h_new = mma(h_new.to(w_t.dtype), wr_t, tl.zeros((BLOCK_B, BLOCK_P), acc_ty), DOT_PRECISION, UPCAST_DOT)
@@ -115,7 +118,7 @@ def _lstm_fwd_persistent_kernel(
 def _lstm_fwd_step_kernel(
     gx_ptr, x_ptr, w_ih_ptr, bias_ptr, w_hh_ptr, h_prev_ptr, c_prev_ptr, len_ptr,
     out_ptr, h_next_ptr, c_next_ptr, gates_ptr,
-    s, B, H, P, I, stride_gd, stride_yd,
+    s, B, H, P, I, stride_gd, stride_yd, stride_cd,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     FUSE_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr,
@@ -124,7 +127,8 @@ def _lstm_fwd_step_kernel(
     # One step s. gx/gates (and y) point at step s of direction 0; direction d adds d·stride_gd (d·stride_yd).
     # FUSE_INPUT (a single step, e.g. LSTMCell): no gx; the step computes bias + x·W_ihᵀ itself from
     # x [D, B, I], w_ih [D, G, I] and bias [D, G] — the whole step is this one kernel.
-    # h_prev/h_next [D, B, P] and c_prev/c_next [D, B, H] are the state before/after the step (ping-pong).
+    # h_prev/h_next [D, B, P] are the state before/after the step (ping-pong); c_prev/c_next [B, H] per
+    # direction, directions stride_cd apart (slices of the saved cs, or ping-pong buffers).
     # Without projection out = y[:, s] gets h_t; with it out = [D, B, H] scratch gets o⊙tanh(c) and the caller
     # applies W_hr (a projection needs every unit of the row, which this program does not own).
     acc_ty = c_next_ptr.dtype.element_ty
@@ -149,9 +153,10 @@ def _lstm_fwd_step_kernel(
         pre = tl.load(gx_ptr + d * stride_gd + off_g, mask=m_g, other=0.0).to(acc_ty)
     pre = add_rows_times_wt(pre, h_prev_ptr + d * B * P, w_hh_ptr + d * G * P, P, rb, mb, rg, G, BLOCK_K,
                             DOT_PRECISION, UPCAST_DOT)
-    c_prev = tl.load(c_prev_ptr + off_h, mask=m_h, other=0.0)
+    off_c = d * stride_cd + rb[:, None] * H + rh[None, :]
+    c_prev = tl.load(c_prev_ptr + off_c, mask=m_h, other=0.0)
     act, c, h = cell_forward(pre, c_prev, BLOCK_B, BLOCK_H)
-    tl.store(c_next_ptr + off_h, tl.where(valid, c, c_prev), mask=m_h)
+    tl.store(c_next_ptr + off_c, tl.where(valid, c, c_prev), mask=m_h)
     if SAVE_GATES:
         tl.store(gates_ptr + d * stride_gd + off_g, tl.where(valid, act, 0.0), mask=m_g)
     if HAS_PROJ:
@@ -248,7 +253,7 @@ def lstm_fwd(
         _lstm_fwd_step_kernel[grid](
             gx[0, s], x, w_ih, bias if bias is not None else stub, w_hh, h_prev, c_prev, len_arg,
             m_buf if has_proj else y[0, s], h_next, c_next, gates[0, s] if save else stub_acc,
-            s, B, H, P, I, T * B * G, T * B * P,
+            s, B, H, P, I, T * B * G, T * B * P, c_prev.stride(0),
             BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
             FUSE_INPUT=fused_input is not None, HAS_BIAS=bias is not None,
             HAS_PROJ=has_proj, HAS_LENGTHS=has_len, SAVE_GATES=save,
