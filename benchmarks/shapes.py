@@ -77,8 +77,8 @@ TIER2 = _tier2()
 CPU = (Shape("C1", 64, 8, 64, 64), Shape("C2", 64, 16, 128, 128))
 
 # Under the Triton interpreter (programs run one after another in Python): tiny, one shape per kernel path
-# (float32 H=64 keeps the whole W_hh tile in one program; H=96 does not and takes the stepwise path).
-INTERPRETER = (Shape("I-persistent", 16, 4, 32, 64), Shape("I-stepwise", 8, 4, 32, 96))
+# (float32 H=16 keeps the whole W_hh tile in one program; H=96 does not and takes the stepwise path).
+INTERPRETER = (Shape("I-persistent", 16, 4, 32, 16), Shape("I-stepwise", 8, 4, 32, 96))
 
 NAMED_SETS = {"tier1": TIER1, "tier2": TIER2, "cpu": CPU, "interp": INTERPRETER}
 _BY_ID = {s.id: s for group in (TIER1, CPU, INTERPRETER) for s in group}
