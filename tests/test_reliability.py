@@ -1184,6 +1184,10 @@ DDP_WORKER = textwrap.dedent(
     torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+    # Leave without running C++ static destructors: gloo's threads can abort a normal interpreter exit
+    # ("terminate called without an active exception") after all the work above is done and saved.
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
