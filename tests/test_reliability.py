@@ -1183,9 +1183,8 @@ DDP_WORKER = textwrap.dedent(
     out["state"] = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save(out, os.path.join(workdir, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
-    # Leave without running C++ static destructors: gloo's threads can abort a normal interpreter exit
-    # ("terminate called without an active exception") after all the work above is done and saved.
+    # Leave without tearing gloo down: its threads can abort a normal exit ("terminate called without an
+    # active exception") after all the work above is done and saved; the barrier says both ranks are done.
     sys.stdout.flush()
     os._exit(0)
     """
