@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session in one command: environment report, the test suite, the tier-1 benchmark.
+# One GPU run in one command: environment report, the test suite, the tier-1 benchmark.
 #
 #   benchmarks/run_gpu.sh OUT_DIR
 #

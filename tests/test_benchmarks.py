@@ -28,7 +28,7 @@ ROW_FIELDS = ("provider", "mode", "dtype", "T", "B", "I", "H", "num_layers", "me
 
 
 def _bench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    # The command decides for itself whether to use the interpreter: don't inherit this session's setting.
+    # The command decides for itself whether to use the interpreter: don't inherit the test process's setting.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
