@@ -181,6 +181,7 @@ def lstm_bwd(
         all in the accumulation dtype.
     """
     check_offset_limits(gates.shape[2], gates.shape[3] // 4, w_hh.shape[2])
+    dy = dy.contiguous()
     if config.path == "cooperative":
         return lstm_bwd_coop(dy, dh_n, dc_n, gates, cs, w_hh, lengths, config)
     D, T, B, G = gates.shape
@@ -189,7 +190,6 @@ def lstm_bwd(
     acc = gates.dtype
     dev = gates.device
     has_proj, has_len = w_hr is not None, lengths is not None
-    dy = dy.contiguous()
     dgates = new_output(D, T, B, G, device=dev, dtype=acc)
     dh_all = new_output(D, T, B, P, device=dev, dtype=acc) if has_proj else None
     strides = (T * B * G, T * B * P, (T + 1) * B * H)

@@ -268,7 +268,8 @@ def lstm_fwd_coop(gx, w_hh, h0, c0, lengths, config: LSTMKernelConfig, save: boo
 
 
 def lstm_bwd_coop(dy, dh_n, dc_n, gates, cs, w_hh, lengths, config: LSTMKernelConfig, max_spin: int = DEFAULT_MAX_SPIN):
-    """The cooperative backward; arguments and results as :func:`lstm_triton.kernels.lstm_bwd` (no projection)."""
+    """The cooperative backward; arguments and results as :func:`lstm_triton.kernels.lstm_bwd` (no projection;
+    dy contiguous)."""
     D, T, B, G = gates.shape
     H = G // 4
     acc, dev = gates.dtype, gates.device
@@ -285,7 +286,7 @@ def lstm_bwd_coop(dy, dh_n, dc_n, gates, cs, w_hh, lengths, config: LSTMKernelCo
     len_arg = lengths if lengths is not None else torch.empty(1, device=dev, dtype=torch.int32)
     for s_lo, s_hi, finalize in _bwd_launches(T):
         _lstm_bwd_coop_kernel[grid](
-            dy.contiguous(), gates, cs, w_hh, len_arg, dgates, dh0, dc0,
+            dy, gates, cs, w_hh, len_arg, dgates, dh0, dc0,
             part, dh_st, dc_st, sync, err,
             T, B, H, T * B * G, T * B * H, (T + 1) * B * H, s_hi, s_lo, int(finalize), max_spin,
             BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,

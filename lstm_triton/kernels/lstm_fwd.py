@@ -200,7 +200,8 @@ def lstm_fwd(
         x, w_ih, bias = fused_input
         if config.path != "stepwise" or x.shape[1] != 1:
             raise ValueError("the fused input projection runs a single step on the stepwise path")
-        gx = x.new_empty(x.shape[0], 1, x.shape[2], w_hh.shape[1])  # shape and dtype only: never read
+        # Shape and dtype only, never read: a one-element tensor viewed at gx's shape allocates nothing per step.
+        gx = x.new_empty(1).expand(x.shape[0], 1, x.shape[2], w_hh.shape[1])
     if config.path == "cooperative":
         return lstm_fwd_coop(gx, w_hh, h0.to(gx.dtype), c0, lengths, config, save)
     D, T, B, G = gx.shape
