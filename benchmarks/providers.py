@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 import lstm_triton
-from lstm_triton import lstm_cell_reference, lstm_layer_reference, triton_enabled
-from lstm_triton.kernels import select_config
+from lstm_triton import lstm_cell_reference, lstm_layer_reference, recorded_plans
 
 from .shapes import DTYPES, Shape
 
@@ -113,12 +112,22 @@ def _module(cls, shape: Shape, dtype_name: str, mode: str, weights, device: str)
 
 def _lstm_triton(shape, dtype_name, mode, weights, device):
     module, call = _module(lstm_triton.LSTM, shape, dtype_name, mode, weights, device)
-    if triton_enabled(torch.empty(0, device=device)):
-        path = select_config(shape.B, shape.H, DTYPES[dtype_name], allow_tf32=dtype_name == "tf32").path
-        kernel_path = path if device == "cuda" else f"{path} (interpreter)"
-    else:
-        kernel_path = "cpu-fallback"  # torch._VF.lstm: the Triton kernels need CUDA or TRITON_INTERPRET=1
-    return Runner(call, list(module.parameters()), {"kernel_path": kernel_path})
+    info: dict = {}
+
+    def first_call_records_the_path(x, h0, c0):
+        # The path is what the op reports it ran (lstm_triton.recorded_plans), never recomputed here.
+        if "kernel_path" in info:
+            return call(x, h0, c0)
+        with recorded_plans() as plans:
+            out = call(x, h0, c0)
+        if not plans:
+            info["kernel_path"] = "cpu-fallback"  # torch._VF.lstm: the kernels need CUDA or TRITON_INTERPRET=1
+        else:
+            path = "+".join(dict.fromkeys(p.path for p in plans))
+            info["kernel_path"] = path if device == "cuda" else f"{path} (interpreter)"
+        return out
+
+    return Runner(first_call_records_the_path, list(module.parameters()), info)
 
 
 def _cudnn(shape, dtype_name, mode, weights, device):

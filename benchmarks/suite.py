@@ -143,7 +143,7 @@ def prepare(case: Case, data: ShapeData, with_grads: bool, device: str) -> Prepa
         outs = runner.call(x, h0, c0)
         return outs, torch.autograd.grad(outs, [x, h0, c0, *runner.params], (gy[: x.shape[0]], gh, gc))
 
-    info = dict(runner.info)
+    info = runner.info  # the provider may fill in fields as it runs (lstm_triton: the kernel path it took)
     if ref is not None:
         start = time.perf_counter()
         outs, grads = run(*leaves(ref.T))
@@ -206,6 +206,7 @@ def run_case(case: Case, data: ShapeData, with_grads: bool, settings: Settings) 
                 timing = time_calls(prepared.step, device, settings.slow_reps, min(settings.warmup, SLOW_WARMUP))
             else:
                 timing = time_calls(prepared.step, device, settings.reps, settings.warmup)
+        row.update(prepared.info)
         row.update(status="ok", median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
                    reps=timing.reps)
     except providers.Skip as e:

@@ -10,6 +10,7 @@ DataParallel support of the torch module, and compiles with ``torch.compile(full
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -18,8 +19,9 @@ from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .ops import lstm_layer, lstm_layer_directions, triton_enabled
+from .reference import lstm_layer_directions_reference
 
-__all__ = ["LSTM", "LSTMCell"]
+__all__ = ["LSTM", "LSTMCell", "init_forget_bias_"]
 
 
 def _check_same_device(input: Tensor, params, hidden) -> None:
@@ -62,26 +64,48 @@ class LSTM(nn.RNNBase):
     r"""Multi-layer LSTM on fused Triton kernels; a drop-in for :class:`torch.nn.LSTM`.
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-    bidirectional=False, proj_size=0, device=None, dtype=None)``
+    bidirectional=False, proj_size=0, device=None, dtype=None, *, recurrent_dropout=0.0)``
 
     Shapes (L = sequence length, N = batch, D = 2 if bidirectional else 1, P = proj_size or hidden_size):
         input [L, N, input_size] ([N, L, input_size] with batch_first, [L, input_size] unbatched, or a
         PackedSequence); hx = (h_0 [D·num_layers, N, P], c_0 [D·num_layers, N, hidden_size]) or None.
         Returns (output [L, N, D·P], (h_n, c_n)) shaped like hx.
+
+    Beyond ``torch.nn.LSTM`` (all inside the kernels; the defaults leave the module exactly torch's):
+        ``recurrent_dropout``: in train mode, per call, one Bernoulli(1 − p) mask per layer, direction and
+            sequence over h's units, scaled by 1/(1 − p), multiplies h_{t-1} where it enters W_hh at every
+            step (Gal & Ghahramani, 2016); the outputs are not masked by it.
+        ``forward(..., resets=...)``: bool, the input's shape without its feature dimension — (L, N), (N, L)
+            with batch_first, (L,) unbatched; for a PackedSequence (L_max, N) in the original batch order.
+            Where ``resets[t, n]``, step t starts a new segment of sequence n: every segment runs as its own
+            sequence from (h_0, c_0), in every layer and direction.
+        ``forward(..., return_cell_states=True)``: also return every step's cell state c_t of the last layer,
+            in the output's layout ([L, N, D·hidden_size], ...), differentiable.
     """
 
     #: Set ``module.recompute = True`` to keep no activations between forward and backward: the backward
-    #: re-runs the forward recurrence instead (one more forward's time for 20·T·B·H bytes per layer and
-    #: direction), for sequences too long to keep them.
+    #: re-runs the forward recurrence instead (one more forward's time for the gates and cell states, 20·T·B·H
+    #: bytes per layer and direction in float32), for sequences too long to keep them.
     recompute: bool = False
+    #: See the class docstring; a class default so that modules pickled without it load unchanged.
+    recurrent_dropout: float = 0.0
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, recurrent_dropout: float = 0.0, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+        if (not isinstance(recurrent_dropout, numbers.Number) or isinstance(recurrent_dropout, bool)
+                or not 0 <= recurrent_dropout <= 1):
+            raise ValueError("recurrent_dropout should be a number in range [0, 1] representing the probability "
+                             "of an element being zeroed")
+        self.recurrent_dropout = float(recurrent_dropout)
 
     # The hidden-state checks and permutations are torch.nn.LSTM's own, so messages stay identical.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + f", recurrent_dropout={self.recurrent_dropout}" if self.recurrent_dropout else s
 
     def flatten_parameters(self) -> None:
         """No-op: the fused kernels read the parameters where they are (cuDNN's flat buffer is not used)."""
@@ -89,7 +113,7 @@ class LSTM(nn.RNNBase):
     def _uses_triton(self, input: Tensor) -> bool:
         return triton_enabled(input) and not torch.jit.is_scripting() and not torch.jit.is_tracing()
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, resets: Optional[Tensor] = None, return_cell_states: bool = False):
         self._update_flat_weights()
         orig_input = input
         batch_sizes = None
@@ -142,14 +166,24 @@ class LSTM(nn.RNNBase):
             raise RuntimeError("lstm expects two hidden states")
         _check_same_device(input, self._flat_weights, hx)
         _check_hidden_dtype(input, hx)
+        if resets is not None:
+            resets = self._seq_first_resets(resets, orig_input, input, batch_sizes, sorted_indices, is_batched)
+        beyond_torch = resets is not None or return_cell_states or (self.training and self.recurrent_dropout > 0)
 
-        if self._uses_triton(input):
+        cells = None
+        if self._uses_triton(input) or beyond_torch:
+            # The fused kernels; or, where they cannot run (CPU without the interpreter, TorchScript), the
+            # reference implementation for what torch's own LSTM cannot do.
+            layers = lstm_layer_directions if self._uses_triton(input) else lstm_layer_directions_reference
             if packed:
-                output, hidden = self._forward_triton_packed(input, batch_sizes, hx)
+                output, hidden, cells = self._forward_packed(input, batch_sizes, hx, resets, return_cell_states,
+                                                             layers)
             else:
-                output, hidden = self._forward_triton(input.transpose(0, 1) if self.batch_first else input, hx)
+                x = input.transpose(0, 1) if self.batch_first else input
+                output, hidden, cells = self._forward_layers(x, hx, None, resets, return_cell_states, layers)
                 if self.batch_first:
                     output = output.transpose(0, 1)
+                    cells = None if cells is None else cells.transpose(0, 1)
         elif packed:
             result = _VF.lstm(input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
                               self.dropout, self.training, self.bidirectional)
@@ -160,26 +194,72 @@ class LSTM(nn.RNNBase):
             output, hidden = result[0], result[1:]
 
         if packed:
-            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
-                hidden, unsorted_indices
-            )
-        if not is_batched:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            cells = None if cells is None else PackedSequence(cells, batch_sizes, sorted_indices, unsorted_indices)
+        elif not is_batched:
             output = output.squeeze(batch_dim)
+            cells = None if cells is None else cells.squeeze(batch_dim)
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
-        return output, self.permute_hidden(hidden, unsorted_indices)
+        hidden = self.permute_hidden(hidden, unsorted_indices)
+        return (output, hidden, cells) if return_cell_states else (output, hidden)
 
-    def _forward_triton(self, x: Tensor, hx: tuple[Tensor, Tensor], lengths: Optional[Tensor] = None):
-        """Stacked layers on :func:`lstm_layer_directions`, both directions of a layer in one launch.
+    def _seq_first_resets(self, resets, orig_input, input: Tensor, batch_sizes, sorted_indices, is_batched) -> Tensor:
+        """Check ``resets`` against the input and return it as [L, N] bool, seq-first, in the order the layers
+        see the batch (the packed, length-sorted order for a PackedSequence)."""
+        if isinstance(orig_input, PackedSequence):
+            expected, layout = (len(batch_sizes), int(batch_sizes[0])), "(max sequence length, batch)"
+        elif not is_batched:
+            expected, layout = (input.size(0) if not self.batch_first else input.size(1),), "(sequence length,)"
+        elif self.batch_first:
+            expected, layout = (input.size(0), input.size(1)), "(batch, sequence length) with batch_first"
+        else:
+            expected, layout = (input.size(0), input.size(1)), "(sequence length, batch)"
+        if not isinstance(resets, Tensor):
+            raise TypeError(f"LSTM: resets must be a bool tensor of shape {layout}, got {type(resets).__name__}")
+        if resets.dtype != torch.bool:
+            raise TypeError(f"LSTM: resets must be a bool tensor, got dtype {resets.dtype}")
+        if tuple(resets.shape) != expected:
+            raise ValueError(
+                f"LSTM: resets must have the input's shape without its feature dimension, {layout} = "
+                f"{tuple(expected)}, got {tuple(resets.shape)}"
+            )
+        if resets.device != input.device:
+            raise RuntimeError(
+                f"LSTM: resets must be on the input's device ({input.device}), got a tensor on {resets.device}"
+            )
+        if isinstance(orig_input, PackedSequence):
+            return resets if sorted_indices is None else resets.index_select(1, sorted_indices)
+        if not is_batched:
+            return resets.unsqueeze(1)
+        return resets.transpose(0, 1) if self.batch_first else resets
 
-        x: [L, N, input_size] seq-first; lengths: [N] per-sequence lengths (packed input) or None.
-        Returns (output [L, N, D·P], (h_n, c_n)).
+    def _recurrent_dropout_masks(self, batch: int, dtype: torch.dtype, device: torch.device):
+        """Per layer, [D, batch, P]: this call's recurrent-dropout masks (train mode), or None."""
+        p = self.recurrent_dropout
+        if not self.training or p == 0:
+            return None
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if p == 1:
+            return [torch.zeros(D, batch, P, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        keep = torch.full((self.num_layers, D, batch, P), 1 - p, dtype=dtype, device=device)
+        return list(torch.bernoulli(keep).div_(1 - p))
+
+    def _forward_layers(self, x: Tensor, hx: tuple[Tensor, Tensor], lengths: Optional[Tensor],
+                        resets: Optional[Tensor], return_cell_states: bool, layers):
+        """Stacked layers on ``layers`` (:func:`lstm_layer_directions`: both directions of a layer in one launch,
+        or its reference twin).
+
+        x: [L, N, input_size] seq-first; lengths: [N] per-sequence lengths (packed input) or None;
+        resets: [L, N] bool or None. Returns (output [L, N, D·P], (h_n, c_n), cell states [L, N, D·H] or None).
         """
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         flat_weights, x, hx = _autocast(self._flat_weights, x, hx)
         D = 2 if self.bidirectional else 1
+        masks = self._recurrent_dropout_masks(x.size(1), x.dtype, x.device)
         per_layer = len(flat_weights) // (self.num_layers * D)
-        h_n, c_n = [], []
+        h_n, c_n, cells = [], [], None
         for layer in range(self.num_layers):
             weights = []
             for direction in range(D):
@@ -187,25 +267,54 @@ class LSTM(nn.RNNBase):
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
                 weights.append((w[0], w[1], b_ih, b_hh, w[-1] if self.proj_size > 0 else None))
             layer_slice = slice(layer * D, (layer + 1) * D)
-            x, h, c = lstm_layer_directions(
-                x, hx[0][layer_slice], hx[1][layer_slice], weights, lengths=lengths, recompute=self.recompute
-            )
+            last = layer == self.num_layers - 1
+            outs = layers(x, hx[0][layer_slice], hx[1][layer_slice], weights, lengths=lengths, resets=resets,
+                          dropout_mask=None if masks is None else masks[layer],
+                          return_cell_states=last and return_cell_states, recompute=self.recompute)
+            x, h, c = outs[:3]
+            if last and return_cell_states:
+                cells = outs[3]
             h_n.append(h)
             c_n.append(c)
-            if layer < self.num_layers - 1 and self.dropout > 0:
+            if not last and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
-        return x, (torch.cat(h_n), torch.cat(c_n))
+        return x, (torch.cat(h_n), torch.cat(c_n)), cells
 
-    def _forward_triton_packed(self, data: Tensor, batch_sizes: Tensor, hx: tuple[Tensor, Tensor]):
+    def _forward_packed(self, data: Tensor, batch_sizes: Tensor, hx: tuple[Tensor, Tensor], resets,
+                        return_cell_states: bool, layers):
         """Packed input: padded [L, N, F] in the packed (length-sorted) batch order, lengths inside the kernel."""
         if data.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
-        lengths = lengths.to(data.device)
-        output, hidden = self._forward_triton(padded, hx, lengths)
+        lengths_dev = lengths.to(data.device)
+        output, hidden, cells = self._forward_layers(padded, hx, lengths_dev, resets, return_cell_states, layers)
         # pack_padded_sequence takes per-step rows in the same order the packed data holds them.
-        packed = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True)
-        return packed.data, hidden
+        output = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+        if cells is not None:
+            cells = pack_padded_sequence(cells, lengths, enforce_sorted=True).data
+        return output, hidden, cells
+
+
+def init_forget_bias_(module: nn.Module, value: float = 1.0) -> nn.Module:
+    """Set the forget-gate slice [H, 2H) of every ``bias_ih*`` to ``value`` and of every ``bias_hh*`` to 0, so
+    the effective forget bias is ``value`` (Jozefowicz et al., 2015), in every LSTM / LSTMCell of ``module``
+    (ours or torch's, the module itself included). Returns ``module``."""
+    found = False
+    for sub in module.modules():
+        lstm_like = (isinstance(sub, nn.RNNBase) and sub.mode == "LSTM") or isinstance(sub, nn.LSTMCell)
+        if not lstm_like:
+            continue
+        found = True
+        H = sub.hidden_size
+        with torch.no_grad():
+            for name, param in sub.named_parameters(recurse=False):
+                if name.startswith("bias_ih"):
+                    param[H:2 * H].fill_(value)
+                elif name.startswith("bias_hh"):
+                    param[H:2 * H].zero_()
+    if not found:
+        raise ValueError(f"init_forget_bias_: {type(module).__name__} holds no LSTM or LSTMCell")
+    return module
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,7 +1,7 @@
 """Test set-up: on a machine without a GPU the Triton kernels run through Triton's CPU interpreter.
 
 TRITON_INTERPRET must be set before triton is first imported, hence at the top of conftest.
-Every kernel output is poisoned with NaN before the kernel runs (see lstm_triton/kernels/_buffers.py).
+Every kernel output is poisoned with NaN before the kernel runs (see lstm_triton/kernels/buffers.py).
 """
 import os
 
@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from lstm_triton.kernels import _buffers  # noqa: E402
+from lstm_triton.kernels import buffers  # noqa: E402
 
 from helpers import DEVICE  # noqa: E402
 
@@ -22,9 +22,9 @@ torch.backends.cudnn.allow_tf32 = False
 
 @pytest.fixture(autouse=True)
 def _poison_kernel_outputs():
-    _buffers.POISON = True
+    buffers.POISON = True
     yield
-    _buffers.POISON = False
+    buffers.POISON = False
 
 
 @pytest.fixture

@@ -400,7 +400,7 @@ def test_torch_export_sees_one_op():
     m = lstm_triton.LSTM(4, 6)
     ep = torch.export.export(m, (torch.randn(3, 2, 4),))
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-    assert any("lstm_triton.lstm_dirs_fwd" in t for t in targets)
+    assert any("lstm_triton.lstm_layer_fwd" in t for t in targets)
     assert not any("lstm" in t and "lstm_triton" not in t for t in targets)
 
 
@@ -425,9 +425,9 @@ def test_cell_step_is_one_fused_kernel(monkeypatch):
     """An LSTMCell step is a single kernel launch that also computes the input projection."""
     import importlib
 
-    fwd_module = importlib.import_module("lstm_triton.kernels.lstm_fwd")  # the module, not the launcher
+    fwd_module = importlib.import_module("lstm_triton.kernels.stepwise")
     launches = []
-    real = fwd_module._lstm_fwd_step_kernel
+    real = fwd_module._stepwise_fwd_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -436,8 +436,9 @@ def test_cell_step_is_one_fused_kernel(monkeypatch):
                 return real[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(fwd_module, "_lstm_fwd_step_kernel", Spy())
-    monkeypatch.setattr(torch, "bmm", lambda *a, **k: pytest.fail("no separate input GEMM expected"))
+    monkeypatch.setattr(fwd_module, "_stepwise_fwd_kernel", Spy())
+    for gemm in ("mm", "addmm", "bmm", "baddbmm"):
+        monkeypatch.setattr(torch, gemm, lambda *a, **k: pytest.fail("no separate input GEMM expected"))
     ours, ref = pair(4, 6, cls=(lstm_triton.LSTMCell, nn.LSTMCell))
     x = torch.randn(3, 4, dtype=F64)
     with torch.no_grad():

@@ -11,8 +11,7 @@ import torch
 
 from helpers import DEVICE, make_layer_problem, rel_err, run_with_grads
 from lstm_triton import lstm_layer, lstm_layer_reference
-from lstm_triton.kernels import config as kernel_config
-from lstm_triton.kernels import select_config
+from lstm_triton.kernels import cooperative, per_direction, plan_lstm
 
 SHAPES = [  # (T, B, I, H)
     (1, 1, 4, 16),  # a single step, a single sequence, H exactly one tile
@@ -22,15 +21,6 @@ SHAPES = [  # (T, B, I, H)
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 PATHS = ["persistent", "cooperative", "stepwise"]
-
-
-@pytest.fixture(autouse=True)
-def _split_hidden_units_on_cooperative_path(request, monkeypatch):
-    """At test sizes one program would hold every hidden unit; a small on-chip budget makes the cooperative
-    path split them over several programs (e.g. H=33 in float32: 5 programs of 8 units), so the h exchange,
-    the step counters and the partial-sum reduction all run."""
-    if "cooperative" in request.node.name:
-        monkeypatch.setattr(kernel_config, "COOPERATIVE_MAX_TILE_BYTES", 8192)
 
 
 def shape_id(s):
@@ -131,56 +121,84 @@ def test_no_grad_forward_saves_nothing_and_matches():
 
 
 def test_cooperative_split_is_real():
-    """Guard for the fixture above: at its budget, the cooperative path really runs several programs."""
-    kernel_config.COOPERATIVE_MAX_TILE_BYTES, saved = 8192, kernel_config.COOPERATIVE_MAX_TILE_BYTES
-    try:
-        assert kernel_config.cooperative_programs(17, 33, torch.float32) == 2 * 5
-        assert select_config(17, 33, torch.float64, path="cooperative").block_h == 4
-    finally:
-        kernel_config.COOPERATIVE_MAX_TILE_BYTES = saved
+    """Under the interpreter the cooperative plan takes the smallest tiles, so the test sizes really split the
+    hidden units over several programs (the exchange, the step counters and the waits all run): H = 33 gives
+    9 forward programs of 4 units and 3 backward programs of 16 per batch tile."""
+    plan = plan_lstm(17, 33, torch.float64, path="cooperative")
+    assert (plan.block_h, plan.block_h_bwd) == (4, 16)
+    assert plan.grid(17, 33, 1) == (2, 9, 1) and plan.grid(17, 33, 1, backward=True) == (2, 3, 1)
 
 
 def test_cooperative_wait_is_bounded(monkeypatch):
     """A program that never sees the step it waits for turns the wait into an error instead of hanging: run
-    step 1 without step 0 ever having published h."""
-    from lstm_triton.kernels import lstm_coop
-
-    monkeypatch.setattr(kernel_config, "COOPERATIVE_MAX_TILE_BYTES", 8192)
+    step 1 without step 0 ever having published h. The outputs of the failed launch are NaN."""
+    monkeypatch.setenv(cooperative.TIMEOUT_ENV, "0.02")  # 20 polls under the interpreter
     p = make_layer_problem(2, 3, 4, 33, dtype=torch.float32)
-    cfg = select_config(3, 33, torch.float32, path="cooperative")
+    plan = plan_lstm(3, 33, torch.float32, path="cooperative")
     gx = torch.randn(1, 2, 3, 4 * 33, device=DEVICE)
-    w = torch.randn(1, 4 * 33, 33, device=DEVICE)
-    monkeypatch.setattr(lstm_coop, "_step_ranges", lambda T: [(1, 2)])
+    w = per_direction([torch.randn(4 * 33, 33, device=DEVICE)])
+    monkeypatch.setattr(cooperative, "_step_ranges", lambda T: [(1, 2)])
     with pytest.raises(RuntimeError, match="timed out waiting for another program"):
-        lstm_coop.lstm_fwd_coop(gx, w, p["h0"][None], p["c0"][None], None, cfg, save=False, max_spin=20)
+        cooperative.forward(plan, gx, w, None, p["h0"][None], p["c0"][None], None, None, None, save=False)
 
 
 def test_dispatcher_choice():
+    # A single step without projection: the one fused stepwise kernel.
+    assert plan_lstm(8, 16, torch.float32, T=1).fused_step
+    assert not plan_lstm(8, 16, torch.float32, T=1, proj_size=8).fused_step
     # Persistent up to the spill-free caps: HP ≤ 32 in 16-bit without projection, else HP (and PP) ≤ 16.
-    assert select_config(8, 16, torch.float32).path == "persistent"
-    assert select_config(8, 17, torch.float32).path == "stepwise"
-    assert select_config(8, 32, torch.bfloat16).path == "persistent"
-    assert select_config(8, 33, torch.float16).path == "stepwise"
-    assert select_config(8, 32, torch.bfloat16, proj_size=8).path == "stepwise"
-    assert select_config(8, 16, torch.bfloat16, proj_size=8).path == "persistent"
-    assert select_config(8, 20, torch.float32, path="stepwise").path == "stepwise"
-    # Cooperative only when the whole grid can be resident (and never with a projection).
-    assert select_config(16, 1024, torch.bfloat16, resident_programs=132).path == "cooperative"
-    assert select_config(16, 1024, torch.bfloat16, resident_programs=132).block_h == 8
-    assert select_config(16, 1024, torch.bfloat16, resident_programs=0).path == "stepwise"
-    assert select_config(256, 1024, torch.bfloat16, resident_programs=132).path == "stepwise"
-    assert select_config(16, 1024, torch.bfloat16, proj_size=256, resident_programs=132).path == "stepwise"
-    assert select_config(16, 1024, torch.float32, resident_programs=132).path == "stepwise"  # 256 programs
+    assert plan_lstm(8, 16, torch.float32).path == "persistent"
+    assert plan_lstm(8, 17, torch.float32).path == "stepwise"
+    assert plan_lstm(8, 32, torch.bfloat16).path == "persistent"
+    assert plan_lstm(8, 33, torch.float16).path == "stepwise"
+    assert plan_lstm(8, 32, torch.bfloat16, proj_size=8).path == "stepwise"
+    assert plan_lstm(8, 16, torch.bfloat16, proj_size=8).path == "persistent"
+    assert plan_lstm(8, 20, torch.float32, path="stepwise").path == "stepwise"
+    # Cooperative only when the whole grid can be resident (and never with a projection); the smallest tiles
+    # whose grid fits, so the most SMs share W_hh.
+    plan = plan_lstm(16, 1024, torch.bfloat16, resident_programs=132)
+    assert (plan.path, plan.block_h, plan.block_h_bwd) == ("cooperative", 8, 16)
+    assert plan.programs(16, 1024, 1) == 128
+    assert plan_lstm(16, 768, torch.bfloat16, resident_programs=132).grid(16, 768, 1) == (1, 96, 1)
+    assert plan_lstm(16, 1024, torch.bfloat16, resident_programs=0).path == "stepwise"
+    assert plan_lstm(256, 1024, torch.bfloat16, resident_programs=132).path == "stepwise"
+    assert plan_lstm(16, 1024, torch.bfloat16, proj_size=256, resident_programs=132).path == "stepwise"
+    assert plan_lstm(16, 1024, torch.float32, resident_programs=132).path == "stepwise"  # W slices too big
     # Exact float32 dots are FMA, not tensor-core, and spill on the cooperative tile: never chosen for it.
-    assert select_config(16, 256, torch.float32, resident_programs=132).path == "stepwise"
-    assert select_config(16, 256, torch.float32, allow_tf32=True, resident_programs=132).path == "cooperative"
+    assert plan_lstm(16, 256, torch.float32, resident_programs=132).path == "stepwise"
+    assert plan_lstm(16, 256, torch.float32, allow_tf32=True, resident_programs=132).path == "cooperative"
     with pytest.raises(ValueError, match="unknown LSTM kernel path"):
-        select_config(8, 20, torch.float32, path="fast")
+        plan_lstm(8, 20, torch.float32, path="fast")
+    with pytest.raises(ValueError, match="cooperative LSTM path cannot run"):
+        plan_lstm(8, 20, torch.float32, path="cooperative", proj_size=4)
+    with pytest.raises(ValueError, match="resident"):
+        plan_lstm(256, 1024, torch.bfloat16, path="cooperative", resident_programs=132)
+
+
+def test_plan_round_trips_and_the_backward_runs_the_forwards_plan(monkeypatch):
+    """The plan travels through the custom op as a string; a one-step call with a small H runs the fused
+    stepwise kernel forward, and its backward runs the stepwise kernel too (never re-planned)."""
+    from lstm_triton.kernels import LSTMPlan, persistent, stepwise
+
+    plan = plan_lstm(5, 12, torch.float32, T=1)
+    assert LSTMPlan.decode(plan.encode()) == plan
+    ran = []
+    for module, name in ((stepwise, "_stepwise_bwd_kernel"), (persistent, "_persistent_bwd_kernel")):
+        real = getattr(module, name)
+
+        class Spy:
+            def __getitem__(self, grid, real=real, name=name):
+                return lambda *a, **k: ran.append(name) or real[grid](*a, **k)
+
+        monkeypatch.setattr(module, name, Spy())
+    p = make_layer_problem(1, 5, 3, 12)
+    run_with_grads(lstm_layer, p)
+    assert ran == ["_stepwise_bwd_kernel"]
 
 
 def test_outputs_are_poisoned_before_kernels_run():
     """The guard itself: a fresh kernel output is all NaN, so an element no kernel writes cannot pass."""
-    from lstm_triton.kernels._buffers import new_output
+    from lstm_triton.kernels.buffers import new_output
 
     assert torch.isnan(new_output(3, 4, dtype=torch.float32, device=torch.device(DEVICE))).all()
 
@@ -267,12 +285,12 @@ def test_tf32_only_when_asked_or_allowed(monkeypatch):
     """float32 is exact ('ieee') by default; TF32 follows torch.backends.cuda.matmul.allow_tf32 or the argument."""
     import lstm_triton.ops as ops
 
-    assert select_config(8, 20, torch.float32).dot_precision == "ieee"
-    assert select_config(8, 20, torch.float32, allow_tf32=True).dot_precision == "tf32"
-    assert select_config(8, 20, torch.bfloat16, allow_tf32=True).dot_precision == "ieee"
+    assert plan_lstm(8, 20, torch.float32).dot_precision == "ieee"
+    assert plan_lstm(8, 20, torch.float32, allow_tf32=True).dot_precision == "tf32"
+    assert plan_lstm(8, 20, torch.bfloat16, allow_tf32=True).dot_precision == "ieee"
     seen = []
-    real = ops.select_config
-    monkeypatch.setattr(ops, "select_config", lambda *a, **k: seen.append(k["allow_tf32"]) or real(*a, **k))
+    real = ops.plan_lstm
+    monkeypatch.setattr(ops, "plan_lstm", lambda *a, **k: seen.append(k["allow_tf32"]) or real(*a, **k))
     p = make_layer_problem(2, 2, 3, 16, dtype=torch.float32)
     flag = torch.backends.cuda.matmul.allow_tf32
     try:

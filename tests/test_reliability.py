@@ -39,7 +39,8 @@ from torch import nn
 import lstm_triton
 from helpers import rel_err
 from lstm_triton import lstm_layer, lstm_layer_directions, lstm_layer_reference, lstm_reference
-from lstm_triton.kernels import _gates, lstm_bwd, lstm_fwd, select_config
+from lstm_triton.kernels import common as kernel_common
+from lstm_triton.kernels import lstm_bwd, lstm_fwd, per_direction, plan_lstm
 
 F64 = torch.float64
 F32 = torch.float32
@@ -488,7 +489,7 @@ def test_each_kernel_path_runs_two_directions_in_training_like_the_reference(pat
                                      lengths=torch.tensor(lengths, device=DEVICE))
 
     try:
-        select_config(B, H, F64, path=path)
+        plan_lstm(B, H, F64, path=path)
     except ValueError as e:
         pytest.skip(str(e))
     names = ["y", "h_n", "c_n", "dx", "dstate"] + [f"d{n}_{d}" for d in range(2)
@@ -636,13 +637,13 @@ def test_huge_pre_activations_saturate_without_overflow(dtype, path):
 def _activations_kernel(x_ptr, sig_ptr, tanh_ptr, gates_ptr, N: tl.constexpr):
     r = tl.arange(0, N)
     x = tl.load(x_ptr + r)
-    tl.store(sig_ptr + r, _gates.sigmoid(x))
-    tl.store(tanh_ptr + r, _gates.tanh(x))
+    tl.store(sig_ptr + r, kernel_common.sigmoid(x))
+    tl.store(tanh_ptr + r, kernel_common.tanh(x))
     # The same values as a [2, N/2] gate tile (N/2 a multiple of 4: column j is gate j % 4 in both rows).
     rows = tl.arange(0, 2)
     cols = tl.arange(0, N // 2)
     offs = rows[:, None] * (N // 2) + cols[None, :]
-    tl.store(gates_ptr + offs, _gates.gate_activations(tl.load(x_ptr + offs), N // 2))
+    tl.store(gates_ptr + offs, kernel_common.gate_activations(tl.load(x_ptr + offs), N // 2))
 
 
 def _run_activations(x):
@@ -722,29 +723,32 @@ def test_random_extreme_inputs_stay_finite_and_match_torch(config, magnitude, fr
 def test_launchers_pass_direction_strides_as_64_bit_integers(path):
     """Per-direction strides T·B·4H, T·B·P and (T+1)·B·H exceed 2³¹ for long, wide problems. The launchers must
     hand them to Triton as Python ints (which Triton types as i64) with their exact values, so the kernels'
-    ``d * stride`` is 64-bit. Checked on meta tensors (no memory) with the launches recorded, not run."""
+    ``d * stride`` is 64-bit; per-step strides (B·4H, B·P, B·H) are multiplied by a step index the kernels
+    widen to 64 bits (``common.at``). Checked on meta tensors (no memory) with the launches recorded, not run."""
     D, T, B, H = 2, 2**11, 2**11, 2**9
     G = 4 * H
-    expected = {"stride_gd": T * B * G, "stride_yd": T * B * H, "stride_cd": (T + 1) * B * H}
-    assert min(expected.values()) >= 2**31
+    expected = {"stride_gd": T * B * G, "stride_yd": T * B * H, "stride_cd": (T + 1) * B * H,
+                "stride_gt": B * G, "stride_yt": B * H, "stride_ct": B * H}
+    assert min(v for k, v in expected.items() if k.endswith("d")) >= 2**31
     meta = dict(device="meta", dtype=F32)
-    config = select_config(B, H, F32, path=path)
+    plan = plan_lstm(B, H, F32, path=path)
+    w_hh = per_direction([torch.empty(G, H, **meta), torch.empty(G, H, **meta)])
     with intercepted_launches() as calls:
-        lstm_fwd(torch.empty(D, T, B, G, **meta), torch.empty(D, G, H, **meta), None,
-                 torch.empty(D, B, H, **meta), torch.empty(D, B, H, **meta), None, config, save=True)
-        lstm_bwd(torch.empty(D, T, B, H, **meta), torch.empty(D, B, H, **meta), torch.empty(D, B, H, **meta),
-                 torch.empty(D, T, B, G, **meta), torch.empty(D, T + 1, B, H, **meta), torch.empty(D, G, H, **meta),
-                 None, None, config)
+        lstm_fwd(plan, torch.empty(D, T, B, G, **meta), w_hh, None, torch.empty(D, B, H, **meta),
+                 torch.empty(D, B, H, **meta), save=True)
+        lstm_bwd(plan, torch.empty(D, T, B, H, **meta), torch.empty(D, B, H, **meta), torch.empty(D, B, H, **meta),
+                 None, torch.empty(D, T, B, G, **meta), torch.empty(D, T + 1, B, H, **meta), w_hh, None)
     assert calls, "no kernel was launched"
     kernels = {name for name, _ in calls}
     assert any("fwd" in k for k in kernels) and any("bwd" in k for k in kernels), kernels
     for name, args in calls:
-        strides = {k: v for k, v in args.items() if k.startswith("stride_")}
-        assert strides, f"{name} gets no per-direction stride"
+        strides = {k: v for k, v in args.items() if k in expected}
+        assert any(k.endswith("d") for k in strides), f"{name} gets no per-direction stride"
         for k, v in strides.items():
             assert type(v) is int, f"{name}.{k} is a {type(v).__name__}, not a Python int"
             assert v == expected[k], f"{name}.{k} = {v}, expected {expected[k]}"
-            assert triton.runtime.jit.mangle_type(v) == "i64", (name, k)
+            if k.endswith("d"):
+                assert triton.runtime.jit.mangle_type(v) == "i64", (name, k)
 
 
 LIMIT_MESSAGE = re.compile(r"2\^31|2\*\*31|2³¹|2147483647|2147483648|int32|32-bit|limit", re.IGNORECASE)
@@ -764,9 +768,9 @@ def test_batch_beyond_32_bit_row_offsets_is_refused_with_the_limit_named():
     with intercepted_launches() as calls:
         for attempt in (
             lambda: lstm_layer(x, None, None, w_ih, w_hh),
-            lambda: lstm_fwd(torch.empty(1, 1, B, 4 * H, **meta), torch.empty(1, 4 * H, H, **meta), None,
-                             torch.empty(1, B, H, **meta), torch.empty(1, B, H, **meta), None,
-                             select_config(B, H, torch.float16), save=False),
+            lambda: lstm_fwd(plan_lstm(B, H, torch.float16), torch.empty(1, 1, B, 4 * H, **meta),
+                             per_direction([torch.empty(4 * H, H, **meta)]), None, torch.empty(1, B, H, **meta),
+                             torch.empty(1, B, H, **meta)),
         ):
             try:
                 attempt()
@@ -784,7 +788,7 @@ def test_long_sequence_stays_finite_and_matches_reference():
     float32, with forget/input gates biased towards 1 so the cell state grows large: everything finite and
     within float32 accuracy of the float64 reference. On a GPU the same code runs T = 10⁵ below."""
     T = 2000 if CUDA else 512
-    assert select_config(2, 8, F32).path == "persistent"
+    assert plan_lstm(2, 8, F32).path == "persistent"
     torch.manual_seed(0)
     m = lstm_triton.LSTM(3, 8).to(DEVICE)
     with torch.no_grad():
@@ -913,14 +917,9 @@ def test_two_forward_backward_runs_are_bitwise_identical(path):
     x, weights, lengths = _determinism_problem(DEVICE, big=CUDA, path=path)
     B, H = x.shape[1], weights[0][1].shape[1]
     try:
-        select_config(B, H, x.dtype, path=path)
+        plan_lstm(B, H, x.dtype, path=path, directions=2, device=x.device)
     except ValueError as e:
         pytest.skip(str(e))
-    if path == "cooperative" and CUDA:
-        from lstm_triton.kernels.config import cooperative_programs
-
-        if cooperative_programs(B, H, x.dtype, 2) > torch.cuda.get_device_properties(0).multi_processor_count:
-            pytest.skip("the cooperative grid does not fit this GPU")
     first = _run_directions(x, weights, lengths, path)
     second = _run_directions(x, weights, lengths, path)
     for i, (a, b) in enumerate(zip(first, second)):
@@ -1115,7 +1114,7 @@ def test_two_threads_at_once_on_cpu(hidden, bidirectional):
     torch.manual_seed(0)
     model = lstm_triton.LSTM(3, hidden, num_layers=2, bidirectional=bidirectional).double()
     if hidden == 40:
-        assert select_config(2, hidden, F64).path == "stepwise"
+        assert plan_lstm(2, hidden, F64).path == "stepwise"
     xs = [torch.randn(3, 2, 3, dtype=F64) * (i + 1) for i in range(2)]
     expected = [_thread_work(model, x) for x in xs]
     with serialized_interpreter_launches() as order:

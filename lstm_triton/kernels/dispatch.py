@@ -1,0 +1,234 @@
+"""The dispatcher: which kernel path and tiles run a problem. Every decision is made here, once per call, and
+returned as an :class:`LSTMPlan` that the forward hands to its backward.
+
+Dimension legend: B batch, T steps, H hidden units, P projected size (P = H without projection), D directions;
+HP, PP = H, P rounded up to a power of two (≥ 16: the smallest ``tl.dot`` tile).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import triton
+
+PATHS = ("persistent", "cooperative", "stepwise")
+
+# The persistent path keeps one program's whole weight tile — W_hh (4·HP·PP elements) and, with a
+# projection, W_hr (PP·HP) — on chip for all T steps, beside the live fp32 gate tile [16, 4·HP]. The caps
+# are the largest tiles that compile without register spills for sm_80 and sm_90 with every supported triton
+# (the compile report, ``python -m tools.compile_report``, records registers, spills and shared memory).
+PERSISTENT_MAX_HP_16BIT = 32  # float16 / bfloat16 without projection
+PERSISTENT_MAX_HP = 16  # float32 / float64, and any dtype with a projection
+
+# The cooperative path keeps, per program, the 4·BLOCK_H rows of W_hh it multiplies h by (forward) and the
+# BLOCK_H columns it multiplies dgates by (backward), over all of h, on chip for the whole sequence.
+COOPERATIVE_MAX_TILE_BYTES = 128 * 1024
+COOPERATIVE_MIN_BLOCK_H = 4  # forward: one dot of 4·BLOCK_H ≥ 16 gate columns
+COOPERATIVE_MIN_BLOCK_H_BWD = 16  # backward: one dot of BLOCK_H ≥ 16 output columns
+COOPERATIVE_BATCH_TILES = (16, 32)
+
+INT32_MAX = 2**31 - 1
+
+
+def interpreter_active() -> bool:
+    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``): the one place that reads the variable."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate dots and keep the cell state in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def saved_gates_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the forward saves the activated gates in for the backward: the accumulation dtype. (Gates
+    rounded to bfloat16 put the bfloat16 gradients of c0, W_ih and W_hh beyond twice torch's own bfloat16
+    error — measured by tests/test_lstm_layer.py — so they stay float32. The gate *gradients* are stored in
+    the input dtype, which is what every GEMM and dot that reads them consumes.)"""
+    return accumulation_dtype(dtype)
+
+
+def padded(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class LSTMPlan:
+    """How one layer call runs: path, tiles, launch options. ``encode()`` / ``decode()`` carry it through the
+    custom op's string argument, so the backward runs exactly what the forward ran."""
+
+    path: str  # "persistent" | "cooperative" | "stepwise"
+    block_b: int  # batch rows per program
+    block_h: int  # hidden units per program in the forward (persistent: HP, every unit)
+    block_h_bwd: int  # hidden units per program in the backward
+    block_p: int  # persistent: PP; cooperative: HP (one dot over all of h); stepwise: unused
+    block_k: int  # stepwise: the reduction tile over h (and x for a fused step)
+    num_warps: int
+    dot_precision: str  # "ieee" | "tf32"
+    upcast_dot: bool  # bfloat16 under the interpreter: see common.mma
+    fused_step: bool = False  # one step whose stepwise kernel also computes x·W_ihᵀ + b (LSTMCell)
+
+    def encode(self) -> str:
+        return ";".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    @classmethod
+    def decode(cls, text: str) -> "LSTMPlan":
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = dict(item.split("=", 1) for item in text.split(";"))
+        conv = {"str": str, "int": int, "bool": lambda v: v == "True"}
+        return cls(**{k: conv[kinds[k]](v) for k, v in values.items()})
+
+    def grid(self, B: int, H: int, D: int, backward: bool = False) -> tuple[int, int, int]:
+        """Programs per (batch tile, hidden-unit tile, direction)."""
+        if self.path == "persistent":
+            return (triton.cdiv(B, self.block_b), 1, D)
+        block_h = self.block_h_bwd if backward else self.block_h
+        return (triton.cdiv(B, self.block_b), triton.cdiv(H, block_h), D)
+
+    def programs(self, B: int, H: int, D: int) -> int:
+        """The most programs of one launch (the cooperative path needs them all resident at once)."""
+        return max(g[0] * g[1] * g[2] for g in (self.grid(B, H, D), self.grid(B, H, D, backward=True)))
+
+
+def persistent_fits(H: int, dtype: torch.dtype, proj_size: int = 0) -> bool:
+    """Whether one program can hold its whole weight tile on chip for the whole sequence without spilling."""
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    cap = PERSISTENT_MAX_HP_16BIT if sixteen_bit and not proj_size else PERSISTENT_MAX_HP
+    return padded(H) <= cap and padded(proj_size or H) <= cap
+
+
+def cooperative_tile_fits(H: int, block_h: int, dtype: torch.dtype) -> bool:
+    """A program's on-chip W_hh slice (4·block_h × HP elements) within the budget."""
+    return 4 * block_h * padded(H) * element_size(dtype) <= COOPERATIVE_MAX_TILE_BYTES
+
+
+def _cooperative_tiles(B: int, H: int, D: int, dtype: torch.dtype, capacity: Optional[Callable[[LSTMPlan], int]],
+                       base: dict) -> Optional[LSTMPlan]:
+    """The cooperative plan: the smallest batch tile and then the smallest unit tiles within the on-chip budget
+    whose grids fit the capacity (programs that can be resident at once, per plan) — the most programs, so
+    the most SMs share W_hh. Without a capacity (the interpreter, which runs one step per launch) simply the
+    smallest tiles: the most programs exchanging, the most of the exchange exercised."""
+    HP = padded(H)
+    units = [u for u in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if u <= HP]
+    fwd_tiles = [u for u in units if u >= COOPERATIVE_MIN_BLOCK_H and cooperative_tile_fits(H, u, dtype)]
+    bwd_tiles = [u for u in units if u >= COOPERATIVE_MIN_BLOCK_H_BWD and cooperative_tile_fits(H, u, dtype)]
+    if not fwd_tiles or not bwd_tiles:
+        return None
+    if capacity is None:
+        return LSTMPlan(path="cooperative", block_b=16, block_h=fwd_tiles[0], block_h_bwd=bwd_tiles[0],
+                        block_p=HP, block_k=HP, num_warps=8, **base)
+    for block_b in COOPERATIVE_BATCH_TILES:
+        for block_h in fwd_tiles:
+            for block_h_bwd in bwd_tiles:
+                plan = LSTMPlan(path="cooperative", block_b=block_b, block_h=block_h, block_h_bwd=block_h_bwd,
+                                block_p=HP, block_k=HP, num_warps=8, **base)
+                if plan.programs(B, H, D) <= capacity(plan):
+                    return plan
+    return None
+
+
+def check_offset_limits(B: int, H: int, P: int, I: int = 0) -> None:
+    """The kernels address elements *within one step* (a batch row's gate column, a weight row's column) with
+    32-bit offsets; steps and directions are 64-bit. Refuse, before any launch, what would not fit."""
+    extents = {"B·4H": B * 4 * H, "B·P": B * P, "4H·P": 4 * H * P, "4H·I": 4 * H * I, "B·I": B * I}
+    for name, n in extents.items():
+        if n > INT32_MAX:
+            raise ValueError(
+                f"lstm_triton: {name} = {n} exceeds the kernels' 32-bit in-step offset limit of 2³¹ − 1 = {INT32_MAX}; "
+                "split the batch (or the layer) into smaller calls"
+            )
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def _no_capacity(plan: LSTMPlan) -> int:
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def plan_lstm(
+    B: int,
+    H: int,
+    dtype: torch.dtype,
+    *,
+    proj_size: int = 0,
+    T: int = 2,
+    directions: int = 1,
+    allow_tf32: bool = False,
+    path: str = "auto",
+    device: Optional[torch.device] = None,
+    resident_programs: Optional[int] = None,
+) -> LSTMPlan:
+    """The plan for one layer call: B sequences of T steps, H hidden units (projected to ``proj_size``), in
+    ``directions`` directions, in ``dtype``.
+
+    ``path="auto"``, in this order:
+    1. a single step (T = 1) without projection: one stepwise kernel that also computes the input projection;
+    2. the persistent path whenever one program's weight tile fits on chip (:func:`persistent_fits`);
+    3. the cooperative path when its dots run on tensor cores (bf16, fp16, tf32 — exact float32 and float64
+       FMA dots spill on its tile), there is no projection, and its grid can be resident at once: on a CUDA
+       ``device`` that is decided from the compiled kernels' registers and shared memory and the SM count
+       (``resident_programs`` > 0 overrides it with a program count, e.g. for the compile report; the
+       interpreter has none, so it never picks this path);
+    4. else the stepwise path.
+    ``"persistent"``, ``"cooperative"`` or ``"stepwise"`` force one (tests compare them); a forced path that
+    cannot run the problem raises ValueError.
+    """
+    if path not in ("auto", *PATHS):
+        raise ValueError(f"unknown LSTM kernel path {path!r}; expected 'auto' or one of {PATHS}")
+    base = dict(dot_precision=dot_precision(dtype, allow_tf32),
+                upcast_dot=dtype == torch.bfloat16 and interpreter_active())
+    if resident_programs:
+        capacity = lambda plan: resident_programs  # noqa: E731
+    elif device is not None and torch.device(device).type == "cuda" and not interpreter_active():
+        from . import cooperative
+
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        capacity = lambda plan: _sm_count(index) * cooperative.programs_per_sm(plan, dtype, index)  # noqa: E731
+    else:
+        capacity = _no_capacity
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32)
+
+    if path == "auto":
+        if T == 1 and not proj_size:
+            path = "stepwise"
+        elif persistent_fits(H, dtype, proj_size):
+            path = "persistent"
+        elif not proj_size and tensor_cores and _cooperative_tiles(B, H, directions, dtype, capacity, base):
+            path = "cooperative"
+        else:
+            path = "stepwise"
+    if path == "persistent":
+        HP, PP = padded(H), padded(proj_size or H)
+        return LSTMPlan("persistent", 16, HP, HP, PP, PP, 4 if HP <= 32 else 8, **base)
+    if path == "cooperative":
+        # Where residency is unknowable (the interpreter runs one step per launch), a forced plan takes the
+        # largest tiles within the on-chip budget; on a GPU its grid must fit what can be resident.
+        known = capacity is not _no_capacity
+        plan = None if proj_size else _cooperative_tiles(B, H, directions, dtype, capacity if known else None, base)
+        if plan is None:
+            raise ValueError(
+                "the cooperative LSTM path cannot run this problem: it takes no projection, needs the W_hh slice "
+                f"of 16 units within {COOPERATIVE_MAX_TILE_BYTES} bytes on chip"
+                + (", and all of its programs resident at once on the device" if known else "")
+            )
+        return plan
+    block_h = 16 if H <= 256 else 32
+    block_k = 32 if dtype == torch.float64 else 64
+    return LSTMPlan("stepwise", 16, block_h, block_h, block_h, block_k, 4, fused_step=T == 1 and not proj_size,
+                    **base)
