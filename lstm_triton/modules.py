@@ -19,6 +19,7 @@ from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .ops import lstm_layer, lstm_layer_directions, triton_enabled
+from .torch_lstm import aten_lstm, exporting, vf_lstm
 from .reference import lstm_layer_directions_reference
 
 __all__ = ["LSTM", "LSTMCell", "init_forget_bias_"]
@@ -184,12 +185,18 @@ class LSTM(nn.RNNBase):
                 if self.batch_first:
                     output = output.transpose(0, 1)
                     cells = None if cells is None else cells.transpose(0, 1)
-        elif packed:
-            result = _VF.lstm(input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
-                              self.dropout, self.training, self.bidirectional)
-            output, hidden = result[0], result[1:]
+        elif input.device.type == "cpu" and torch.compiler.is_compiling() and not exporting():
+            # torch.compile: PyTorch's CPU LSTM as one opaque op (see torch_lstm.py); autocast cannot see into it, so
+            # cast here. torch.export keeps aten::lstm, as for torch.nn.LSTM: a portable op, no backward traced.
+            flat_weights, input, hx = _autocast(self._flat_weights, input, hx)
+            # Dropout applies between layers only; reading the float attribute makes Dynamo trace twice.
+            dropout = self.dropout if self.num_layers > 1 else 0.0
+            output, h_n, c_n, _ = aten_lstm(input, batch_sizes, list(hx), list(flat_weights), self.bias,
+                                             self.num_layers, dropout, self.training, bool(self.bidirectional),
+                                             self.batch_first, torch.is_grad_enabled())
+            hidden = (h_n, c_n)
         else:
-            result = _VF.lstm(input, hx, self._flat_weights, self.bias, self.num_layers,
+            result = vf_lstm(input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers,
                               self.dropout, self.training, self.bidirectional, self.batch_first)
             output, hidden = result[0], result[1:]
 

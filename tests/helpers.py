@@ -50,3 +50,19 @@ def run_with_grads(fn, problem, cotangents=None):
     loss = sum((o.double() * c).sum() for o, c in zip(outs, cotangents))
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return [o.detach() for o in outs], dict(zip(leaves.keys(), grads)), cotangents
+
+
+class WeightDrop(torch.nn.Module):
+    """The AWD-LSTM weight-drop pattern: the RNN's ``name`` parameter is removed from its parameters and kept as
+    ``<name>_raw``; before every forward the RNN gets a dropped-out copy of it as a plain tensor attribute."""
+
+    def __init__(self, rnn: torch.nn.Module, name: str = "weight_hh_l0", p: float = 0.5):
+        super().__init__()
+        self.rnn, self.name, self.p = rnn, name, p
+        weight = rnn._parameters.pop(name)
+        rnn.register_parameter(name + "_raw", torch.nn.Parameter(weight.data))
+
+    def forward(self, *args):
+        raw = getattr(self.rnn, self.name + "_raw")
+        setattr(self.rnn, self.name, torch.nn.functional.dropout(raw, self.p, self.training))
+        return self.rnn(*args)
