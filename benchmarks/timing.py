@@ -76,17 +76,12 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
 
 
 def device_ops_per_call(fn: Callable[[], object]) -> Optional[int]:
-    """How many device operations (kernels, memsets, copies) one call runs, from ``torch.profiler``.
-
-    It tells a persistent kernel (a handful per call) from a per-step one (at least one per step).
-    None if the profiler cannot run here.
-    """
-    from torch.profiler import ProfilerActivity, profile
+    """How many device operations (kernels, memsets, copies) one call runs: lstm_triton's per-call counter
+    (:func:`lstm_triton.profiling.call_work`, the one the tests assert on). It tells a persistent kernel (a
+    handful per call) from a per-step one (at least one per step). None if the profiler cannot run here."""
+    from lstm_triton.profiling import call_work
 
     try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        return call_work(fn).device_ops
     except (RuntimeError, AttributeError):
         return None

@@ -141,13 +141,14 @@ def unit_tile(pid_b, pid_h, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 @triton.jit
 def in_direction(base, d, dir_stride):
     """``base`` advanced to direction d (64-bit offset)."""
-    return base + d.to(tl.int64) * dir_stride
+    return base + tl.cast(d, tl.int64) * dir_stride
 
 
 @triton.jit
 def at(base, d, dir_stride, s, step_stride):
-    """``base`` advanced to direction d, step s (a runtime step index): both offsets in 64-bit arithmetic."""
-    return base + d.to(tl.int64) * dir_stride + s.to(tl.int64) * step_stride
+    """``base`` advanced to direction d, step s: both offsets in 64-bit arithmetic. (``tl.cast``, not ``.to``:
+    an integer argument equal to 1 reaches the kernel as a constant, which has no ``.to``.)"""
+    return base + tl.cast(d, tl.int64) * dir_stride + tl.cast(s, tl.int64) * step_stride
 
 
 @triton.jit

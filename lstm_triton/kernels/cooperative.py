@@ -315,6 +315,8 @@ class _Watchdog:
     def raise_if_failed(self, wait: bool = False) -> None:
         """Raise if a launch on this device timed out. Without ``wait`` only what is already known on the host
         (the last launch's flag, if its copy has landed) is looked at: no sync."""
+        if self.status.device.type == "meta":  # launches described, not run (the compile report)
+            return
         if self.cuda:
             if not self.pending or not (wait or self.copied.query()):
                 return
@@ -380,7 +382,7 @@ def _bwd_launches(T: int):
 
 def _launch_options(plan: LSTMPlan, device: torch.device) -> dict:
     options = dict(num_warps=plan.num_warps, num_stages=1)
-    if device.type == "cuda" and not interpreter_active():
+    if device.type != "cpu" and not interpreter_active():  # a GPU (or meta tensors describing a GPU launch)
         options["launch_cooperative_grid"] = True  # the driver starts every program at once or refuses
     return options
 
@@ -408,18 +410,16 @@ def forward(plan: LSTMPlan, gx, w_hh: PerDirection, w_hr, h0, c0, lengths, reset
     sync = torch.zeros(D, triton.cdiv(B, plan.block_b), device=dev, dtype=torch.int32)
     timeout, clock = _timeout(dev)
     gates_arg, cs_arg = or_absent(gates, dev, acc), or_absent(cs, dev, acc)
-    for s_begin, s_end in _step_ranges(T):
-        _cooperative_fwd_kernel[plan.grid(B, H, D)](
-            gx, w_hh.base, h0, c0, or_absent(lengths, dev), or_absent(resets, dev), or_absent(mask, dev, dtype),
+    args = (gx, w_hh.base, h0, c0, or_absent(lengths, dev), or_absent(resets, dev), or_absent(mask, dev, dtype),
             y, h_n, c_n, gates_arg, cs_arg, h_x, h_st, c_st, sync, dog.status,
             T, B, H, gx.stride(0), gx.stride(1), y.stride(0), y.stride(1), cs_arg.stride(0),
-            cs_arg.stride(1) if save else 0, 0 if resets is None else resets.stride(0), w_hh.stride,
-            s_begin, s_end, timeout,
-            BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_p,
-            HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, HAS_MASK=mask is not None, SAVE=save,
-            DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot, GLOBALTIMER=clock,
-            **_launch_options(plan, dev),
-        )
+            cs_arg.stride(1) if save else 0, 0 if resets is None else resets.stride(0), w_hh.stride)
+    options = dict(BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_p, HAS_LENGTHS=lengths is not None,
+                   HAS_RESETS=resets is not None, HAS_MASK=mask is not None, SAVE=save,
+                   DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot, GLOBALTIMER=clock,
+                   **_launch_options(plan, dev))
+    for s_begin, s_end in _step_ranges(T):
+        _cooperative_fwd_kernel[plan.grid(B, H, D)](*args, s_begin, s_end, timeout, **options)
     dog.after_launch()
     return y, h_n, c_n, gates, cs
 
@@ -441,20 +441,17 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
     dc0_st = torch.zeros(D, B, H, device=dev, dtype=acc) if resets is not None else absent(dev, acc)
     sync = torch.zeros(D, triton.cdiv(B, plan.block_b), device=dev, dtype=torch.int32)
     timeout, clock = _timeout(dev)
-    dcs_arg = or_absent(dcs, dev, dtype)
-    for s_lo, s_hi, finalize in _bwd_launches(T):
-        _cooperative_bwd_kernel[plan.grid(B, H, D, backward=True)](
-            dy, dcs_arg, gates, cs, w_hh.base, or_absent(lengths, dev), or_absent(resets, dev),
-            or_absent(mask, dev, dtype),
-            dgates, dh0, dc0, dh_st, dc_st, dh0_st, dc0_st, sync, dog.status,
+    args = (dy, or_absent(dcs, dev, dtype), gates, cs, w_hh.base, or_absent(lengths, dev), or_absent(resets, dev),
+            or_absent(mask, dev, dtype), dgates, dh0, dc0, dh_st, dc_st, dh0_st, dc0_st, sync, dog.status,
             T, B, H, gates.stride(0), gates.stride(1), dy.stride(0), dy.stride(1), cs.stride(0), cs.stride(1),
             0 if dcs is None else dcs.stride(0), 0 if dcs is None else dcs.stride(1),
-            0 if resets is None else resets.stride(0), w_hh.stride, s_hi, s_lo, int(finalize), timeout,
-            BLOCK_B=plan.block_b, BLOCK_H=plan.block_h_bwd, BLOCK_K=plan.block_p,
-            HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, HAS_MASK=mask is not None,
-            HAS_DCS=dcs is not None, DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
-            GLOBALTIMER=clock, **_launch_options(plan, dev),
-        )
+            0 if resets is None else resets.stride(0), w_hh.stride)
+    options = dict(BLOCK_B=plan.block_b, BLOCK_H=plan.block_h_bwd, BLOCK_K=plan.block_p,
+                   HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, HAS_MASK=mask is not None,
+                   HAS_DCS=dcs is not None, DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
+                   GLOBALTIMER=clock, **_launch_options(plan, dev))
+    for s_lo, s_hi, finalize in _bwd_launches(T):
+        _cooperative_bwd_kernel[plan.grid(B, H, D, backward=True)](*args, s_hi, s_lo, int(finalize), timeout, **options)
     dog.after_launch()
     return dgates, None, dh0, dc0
 

@@ -23,6 +23,7 @@ PATHS = ("persistent", "cooperative", "stepwise")
 # (the compile report, ``python -m tools.compile_report``, records registers, spills and shared memory).
 PERSISTENT_MAX_HP_16BIT = 32  # float16 / bfloat16 without projection
 PERSISTENT_MAX_HP = 16  # float32 / float64, and any dtype with a projection
+PERSISTENT_FORCED_MAX = 64  # a caller may force larger tiles than the caps (they spill), up to this padded H / P
 
 # The cooperative path keeps, per program, the 4·BLOCK_H rows of W_hh it multiplies h by (forward) and the
 # BLOCK_H columns it multiplies dgates by (backward), over all of h, on chip for the whole sequence.
@@ -147,8 +148,25 @@ def check_offset_limits(B: int, H: int, P: int, I: int = 0) -> None:
             )
 
 
-def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+def tf32_supported(backend: str, arch) -> bool:
+    """Whether ``tl.dot`` has TF32 on the target: NVIDIA from sm_80; AMD on CDNA3 (gfx94x, as xf32), not CDNA2."""
+    if backend == "cuda":
+        return int(arch) >= 80
+    return str(arch).startswith(("gfx94", "gfx95"))
+
+
+def _device_tf32(device: Optional[torch.device]) -> bool:
+    if device is None or torch.device(device).type != "cuda" or interpreter_active():
+        return True  # the interpreter computes "tf32" dots exactly; unknown devices are taken at their word
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip is not None:
+        return tf32_supported("hip", getattr(props, "gcnArchName", "").split(":")[0])
+    return tf32_supported("cuda", props.major * 10 + props.minor)
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool, device: Optional[torch.device] = None) -> str:
+    """"tf32" for float32 when allowed and the device has TF32 dots, else "ieee" (exact float32)."""
+    return "tf32" if dtype == torch.float32 and allow_tf32 and _device_tf32(device) else "ieee"
 
 
 def _no_capacity(plan: LSTMPlan) -> int:
@@ -190,7 +208,7 @@ def plan_lstm(
     """
     if path not in ("auto", *PATHS):
         raise ValueError(f"unknown LSTM kernel path {path!r}; expected 'auto' or one of {PATHS}")
-    base = dict(dot_precision=dot_precision(dtype, allow_tf32),
+    base = dict(dot_precision=dot_precision(dtype, allow_tf32, device),
                 upcast_dot=dtype == torch.bfloat16 and interpreter_active())
     if resident_programs:
         capacity = lambda plan: resident_programs  # noqa: E731
@@ -202,7 +220,7 @@ def plan_lstm(
         capacity = lambda plan: _sm_count(index) * cooperative.programs_per_sm(plan, dtype, index)  # noqa: E731
     else:
         capacity = _no_capacity
-    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32)
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or base["dot_precision"] == "tf32"
 
     if path == "auto":
         if T == 1 and not proj_size:
@@ -215,6 +233,9 @@ def plan_lstm(
             path = "stepwise"
     if path == "persistent":
         HP, PP = padded(H), padded(proj_size or H)
+        if max(HP, PP) > PERSISTENT_FORCED_MAX:
+            raise ValueError(f"the persistent LSTM path holds every unit's weights in one program: it takes H and "
+                             f"proj_size up to {PERSISTENT_FORCED_MAX}, got H={H}, proj_size={proj_size}")
         return LSTMPlan("persistent", 16, HP, HP, PP, PP, 4 if HP <= 32 else 8, **base)
     if path == "cooperative":
         # Where residency is unknowable (the interpreter runs one step per launch), a forced plan takes the

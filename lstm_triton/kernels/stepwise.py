@@ -87,13 +87,14 @@ def _stepwise_bwd_kernel(
     s, T, B, H, stride_gd, stride_gt, stride_yd, stride_yt, stride_cd, stride_ct, stride_dcd, stride_dct,
     stride_rd, w_hh_dir,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    FUSED_DH: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DCS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    FUSED_DH: tl.constexpr, FINAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DCS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # Step s (reverse). dh, dc [D, B, H] carry the state gradients across launches and dh0, dc0 [D, B, *]
     # accumulate what reaches the initial state at segment starts; each program updates only its own units
     # (in place is race-free). FUSED_DH (no projection): dh_s = dy_s + dgates_{s+1}·W_hh is computed here;
-    # otherwise the launcher has already put dm_s = dh_s·W_hr into dh.
+    # otherwise the launcher has already put dm_s = dh_s·W_hr into dh. FINAL (s = -1, after step 0): only
+    # dh0 += dgates_0·W_hh (every sequence has a step 0, which always starts from h0).
     acc_ty = dc_ptr.dtype.element_ty
     G = 4 * H
     pid_b = tl.program_id(0)
@@ -106,6 +107,22 @@ def _stepwise_bwd_kernel(
     valid = (s < lens)[:, None]
 
     dh = tl.load(dh_ptr + off_hd, mask=m_h, other=0.0)
+    if FINAL:
+        rec = tl.zeros((BLOCK_B, BLOCK_H), acc_ty)
+        w_d = in_direction(w_hh_ptr, d, w_hh_dir)
+        dg_first = in_direction(dgates_ptr, d, stride_gd)
+        k0 = 0
+        while k0 < G:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < G
+            dg_k = tl.load(dg_first + rb[:, None] * G + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+            w_k = tl.load(w_d + rk[:, None] * H + rh[None, :], mask=mk[:, None] & (rh < H)[None, :], other=0.0)
+            rec = mma(dg_k.to(w_k.dtype), w_k, rec, DOT_PRECISION, UPCAST_DOT)
+            k0 += BLOCK_K
+        if HAS_MASK:
+            rec = rec * tl.load(in_direction(mask_ptr, d, B * H) + off_h, mask=m_h, other=0.0).to(acc_ty)
+        tl.store(dh0_ptr + off_hd, tl.load(dh0_ptr + off_hd, mask=m_h, other=0.0) + rec, mask=m_h)
+        return
     if FUSED_DH:
         if s + 1 < T:
             rec = tl.zeros((BLOCK_B, BLOCK_H), acc_ty)
@@ -196,18 +213,18 @@ def forward(plan: LSTMPlan, gx, w_hh: PerDirection, w_hr, h0, c0, lengths, reset
     m_buf = new_output(D, B, H, device=dev, dtype=dtype) if has_proj else None
     out = m_buf if has_proj else y
     out_strides = (B * H, 0) if has_proj else (y.stride(0), y.stride(1))
-    gates_arg = or_absent(gates, dev, acc)
-    resets_arg = or_absent(resets, dev)
+    gate_strides = gates.stride()[:2] if save else (gx.stride()[:2] if gx is not None else (0, 0))
     zero = torch.zeros((), dtype=dtype, device=dev)
+    # Everything but the step's own indices is the same for every launch.
+    args = (gx if gx is not None else x, x, w_ih.base if w_ih is not None else x, or_absent(bias, dev, dtype),
+            w_hh.base, h_buf, c_buf, h0.to(dtype).contiguous() if resets is not None else x, c0,
+            or_absent(lengths, dev), or_absent(resets, dev), or_absent(mask, dev, dtype),
+            out, or_absent(gates, dev, acc))
+    sizes = (T, B, H, P, I, *gate_strides, h_buf.stride(0), h_buf.stride(1), c_buf.stride(0), c_buf.stride(1),
+             *out_strides, 0 if resets is None else resets.stride(0), 0 if w_ih is None else w_ih.stride, w_hh.stride)
     for s in range(T):
         _stepwise_fwd_kernel[plan.grid(B, H, D)](
-            gx if gx is not None else x, x, w_ih.base if w_ih is not None else x, or_absent(bias, dev, dtype),
-            w_hh.base, h_buf, c_buf, h0.to(dtype).contiguous() if resets is not None else x, c0,
-            or_absent(lengths, dev), resets_arg, or_absent(mask, dev, dtype),
-            out, gates_arg,
-            s, s % 2, (s + 1) % 2, c_slot(s), c_slot(s + 1), T, B, H, P, I,
-            G * B * T, G * B, h_buf.stride(0), h_buf.stride(1), c_buf.stride(0), c_buf.stride(1), *out_strides,
-            0 if resets is None else resets.stride(0), 0 if w_ih is None else w_ih.stride, w_hh.stride,
+            *args, s, s % 2, (s + 1) % 2, c_slot(s), c_slot(s + 1), *sizes,
             BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_k,
             FUSE_INPUT=fused_input is not None, HAS_BIAS=bias is not None, HAS_PROJ=has_proj,
             HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, HAS_MASK=mask is not None, SAVE=save,
@@ -240,9 +257,13 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
     dh = dh_n.to(acc, copy=True).contiguous() if not has_proj else new_output(D, B, H, device=dev, dtype=acc)
     dh0 = torch.zeros(D, B, P, device=dev, dtype=acc)
     dc0 = torch.zeros(D, B, H, device=dev, dtype=acc)
-    w_acc = [w.to(acc) for w in w_hh.tensors]
-    keep = None if mask is None else mask.to(acc)
     zero = torch.zeros((), dtype=acc, device=dev)
+    if has_proj:
+        # The P-space recurrence runs here as GEMMs in the accumulation dtype: for 16-bit inputs that casts
+        # W_hh and W_hr once per call (the one weight-sized copy left on any path; see the compile report).
+        w_acc = [w.to(acc) for w in w_hh.tensors]
+        w_hr_acc = [w.to(acc) for w in w_hr.tensors]
+        keep = None if mask is None else mask.to(acc)
 
     def recurrent(dg):  # dgates [D, B, G] → the gradient reaching h before that step (P-space, masked)
         rec = torch.stack([dg[d].to(acc) @ w_acc[d] for d in range(D)])
@@ -250,7 +271,11 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
 
     dh_p = dh_n.to(acc, copy=True) if has_proj else None
     dcs_arg = or_absent(dcs, dev, dtype)
-    for s in range(T - 1, -1, -1):
+    lengths_arg, resets_arg, mask_arg = or_absent(lengths, dev), or_absent(resets, dev), or_absent(mask, dev, dtype)
+    strides = (gates.stride(0), gates.stride(1), dy.stride(0), dy.stride(1), cs.stride(0), cs.stride(1),
+               0 if dcs is None else dcs.stride(0), 0 if dcs is None else dcs.stride(1),
+               0 if resets is None else resets.stride(0), w_hh.stride)
+    for s in list(range(T - 1, -1, -1)) + ([] if has_proj else [-1]):
         if has_proj:
             valid = _valid_rows(lengths, s, B, dev)
             if s + 1 < T:
@@ -261,22 +286,21 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
                     rec = torch.where(restart, zero, rec)
                 dh_p = torch.where(_valid_rows(lengths, s + 1, B, dev), rec, dh_p)
             dh_p = dh_p + torch.where(valid, dy[:, s].to(acc), zero)
-            torch.where(valid, dh_p, zero, out=dh_all[:, s])
-            torch.stack([dh_p[d].to(dtype).to(acc) @ w_hr.tensors[d].to(acc) for d in range(D)], out=dh)
+            dh_all[:, s] = torch.where(valid, dh_p, zero)  # rounded to the input dtype, as the kernels store it
+            torch.stack([dh_p[d].to(dtype).to(acc) @ w_hr_acc[d] for d in range(D)], out=dh)
         _stepwise_bwd_kernel[plan.grid(B, H, D, backward=True)](
-            dy, dcs_arg, gates, cs, w_hh.base, or_absent(lengths, dev), or_absent(resets, dev),
-            or_absent(mask, dev, dtype),
+            dy, dcs_arg, gates, cs, w_hh.base, lengths_arg, resets_arg, mask_arg,
             dgates, dh, dc, dh0, dc0,
-            s, T, B, H, gates.stride(0), gates.stride(1), dy.stride(0), dy.stride(1), cs.stride(0), cs.stride(1),
-            0 if dcs is None else dcs.stride(0), 0 if dcs is None else dcs.stride(1),
-            0 if resets is None else resets.stride(0), w_hh.stride,
+            s, T, B, H, *strides,
             BLOCK_B=plan.block_b, BLOCK_H=plan.block_h_bwd, BLOCK_K=plan.block_k,
-            FUSED_DH=not has_proj, HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
+            FUSED_DH=not has_proj, FINAL=s < 0, HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
             HAS_MASK=mask is not None, HAS_DCS=dcs is not None,
             DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
             num_warps=plan.num_warps, num_stages=1,
         )
-    # Every sequence has at least one step, so step 0 is valid for all rows: dh0 gets dgates_0·W_hh, rounded like
-    # every in-loop product (dgates in the weight dtype, accumulated in acc).
-    dh0 += recurrent(dgates[:, 0])
+    if has_proj:
+        # Every sequence has at least one step, so step 0 is valid for all rows: dh0 gets dgates_0·W_hh, rounded
+        # like every in-loop product (dgates in the weight dtype, accumulated in acc). (Without a projection
+        # the FINAL launch above did this in the kernel.)
+        dh0 += recurrent(dgates[:, 0])
     return dgates, dh_all, dh0, dc0 + dc
