@@ -266,6 +266,8 @@ class Progress:
     def start(self, label: str) -> None:
         if self._bar is not None:
             self._bar.set_description(label)
+        else:  # a log: a row that hangs must show which row it is
+            print(f"[{self.count + 1}/{self.total}] start {label}", file=sys.stderr, flush=True)
 
     def done(self, row: dict) -> None:
         self.count += 1

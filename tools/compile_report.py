@@ -240,7 +240,9 @@ def sweep_plans(dtype, allow_tf32: bool) -> dict:
                                      path=path, resident_programs=resident)
                 except ValueError:
                     continue  # a forced path that cannot run this problem (it raises for callers too)
-                found.setdefault(plan, dict(T=T, B=B, H=H, P=P or H, D=D, I=24, proj=bool(P)))
+                problem = dict(T=T, B=B, H=H, P=P or H, D=D, I=24, proj=bool(P), auto=path == "auto")
+                if plan not in found or (problem["auto"] and not found[plan]["auto"]):
+                    found[plan] = problem  # a plan the dispatcher picks by itself is marked as such
     return found
 
 
@@ -248,7 +250,7 @@ def tier1_problems() -> list[tuple[str, dict]]:
     _ensure_repo_on_path()
     from benchmarks.shapes import TIER1
 
-    return [(s.id, dict(T=s.T, B=s.B, H=s.H, P=s.H, D=1, I=s.I, proj=False)) for s in TIER1]
+    return [(s.id, dict(T=s.T, B=s.B, H=s.H, P=s.H, D=1, I=s.I, proj=False, auto=True)) for s in TIER1]
 
 
 def record_launches(scope: str = "all") -> list[Launch]:
@@ -364,8 +366,9 @@ def select(groups: dict[str, list[Launch]], target_name: str, scope: str) -> lis
     "all": every tier-1 one; of the sweep's, per dtype mode, plan and kernel the one with the most switches on
     (the largest live state: the register and spill worst case of that tile); per dtype mode, path and kernel
     the one with the fewest switches on of the largest tile; then greedily until every value of every constexpr
-    (per mode, path and kernel) is compiled. "smoke": per dtype mode, path and kernel, the largest tile with
-    every switch on, and the same with every switch off."""
+    (per mode, path and kernel) is compiled. "smoke": per dtype mode, path and kernel, the largest tile the
+    dispatcher picks by itself and the largest one a caller can force, each with every switch on and with
+    every switch off."""
     n_on = lambda launch: sum(v is True for k, v in launch.features.items() if k != "launcher")  # noqa: E731
     members: dict[str, list[tuple[str, Launch]]] = {}
     for key, ls in groups.items():
@@ -379,10 +382,14 @@ def select(groups: dict[str, list[Launch]], target_name: str, scope: str) -> lis
         by_path.setdefault(json.dumps([launch.mode, launch.plan["path"], launch.kernel]), []).extend(group)
     chosen: set[str] = set()
     for group in by_path.values():
-        largest = max(_tile_size(launch.plan) for _, launch in group)
-        biggest = [(k, launch) for k, launch in group if _tile_size(launch.plan) == largest]
-        chosen.add(max(biggest, key=lambda m: n_on(m[1]))[0])
-        chosen.add(min(biggest, key=lambda m: n_on(m[1]))[0])
+        for auto in (True, False):  # the largest tile the dispatcher picks itself, and the largest a caller forces
+            mine = [(k, launch) for k, launch in group if launch.problem.get("auto", False) == auto]
+            if not mine:
+                continue
+            largest = max(_tile_size(launch.plan) for _, launch in mine)
+            biggest = [(k, launch) for k, launch in mine if _tile_size(launch.plan) == largest]
+            chosen.add(max(biggest, key=lambda m: n_on(m[1]))[0])
+            chosen.add(min(biggest, key=lambda m: n_on(m[1]))[0])
     if scope == "smoke":
         return sorted(chosen)
     chosen |= {k for k, ls in groups.items() if any(launch.tier1 for launch in ls)}
