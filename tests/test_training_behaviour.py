@@ -6,14 +6,15 @@ unless the case needs float32), and compares what that code observes: each param
 its own with torch's layout (two gradients sharing memory get scaled twice by ``clip_grad_norm_`` and accumulate
 wrongly), accumulation over backward passes, repeated backward on a retained graph, module and tensor hooks,
 gradient clipping, ``GradScaler``, in-place ``zero_grad`` under SGD and Adam, ``torch.func``, parameter identity
-through ``convert`` / ``load_state_dict`` / ``.to``, frozen parameters, and a small word-level language model
-trained side by side with the same model on ``torch.nn.LSTM``.
+through ``convert`` / ``load_state_dict`` / ``.to``, frozen parameters, activation checkpointing, in-place ops on
+the outputs, and a small word-level language model trained side by side with the same model on ``torch.nn.LSTM``.
 """
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import lstm_triton
@@ -487,6 +488,24 @@ def test_frozen_parameters_get_no_grad(case):
         assert all(p.grad is None for p in m.parameters())
     for a, b in zip(leaf_grads[ours], leaf_grads[ref]):
         assert rel_err(a, b) <= 1e-12
+
+
+# Activation checkpointing: the forward runs again in the backward, with the RNG state of the first run.
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_with_dropout(use_reentrant):
+    ours, ref = module_pair(I, H, num_layers=2, bidirectional=True, dropout=0.5)
+    leaf_grads = {}
+    for m in (ours, ref):
+        x, hx = make_inputs(m, 0, requires_grad=True)
+        torch.manual_seed(5)
+        outs = torch.utils.checkpoint.checkpoint(lambda x, h, c: tuple(forward(m, x, (h, c))), x, *hx,
+                                                 use_reentrant=use_reentrant)
+        loss_of(outs, 100).backward()
+        leaf_grads[m] = [x.grad, hx[0].grad, hx[1].grad]
+    assert_same_grads(ours, ref)
+    for a, b in zip(leaf_grads[ours], leaf_grads[ref]):
+        assert layout(a) == layout(b) and rel_err(a, b) <= 1e-12
 
 
 # In-place ops on the outputs (nn.ReLU(inplace=True), out += residual) before backward.
