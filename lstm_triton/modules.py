@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .ops import lstm_layer, lstm_layer_directions, triton_enabled
+from .ops import functorch_active, lstm_layer, lstm_layer_directions, triton_enabled
 from .torch_lstm import aten_lstm, exporting, vf_lstm
 from .reference import lstm_layer_directions_reference
 
@@ -112,7 +112,10 @@ class LSTM(nn.RNNBase):
         """No-op: the fused kernels read the parameters where they are (cuDNN's flat buffer is not used)."""
 
     def _uses_triton(self, input: Tensor) -> bool:
-        return triton_enabled(input) and not torch.jit.is_scripting() and not torch.jit.is_tracing()
+        # Under a torch.func transform the custom op cannot run (ops.functorch_active): PyTorch's own LSTM does,
+        # as torch.nn.LSTM would (the reference for what it cannot do).
+        return (triton_enabled(input) and not torch.jit.is_scripting() and not torch.jit.is_tracing()
+                and not functorch_active())
 
     def forward(self, input, hx=None, *, resets: Optional[Tensor] = None, return_cell_states: bool = False):
         self._update_flat_weights()
@@ -339,8 +342,9 @@ class LSTMCell(nn.LSTMCell):
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
         well_formed = isinstance(input, Tensor) and (hx is None or (isinstance(hx, (tuple, list)) and len(hx) == 2))
-        if not well_formed or not triton_enabled(input) or torch.jit.is_scripting():
-            # torch's own module raises its own errors for malformed calls, and runs CPU tensors.
+        if not well_formed or not triton_enabled(input) or torch.jit.is_scripting() or functorch_active():
+            # torch's own module raises its own errors for malformed calls, and runs CPU tensors and torch.func
+            # transforms (which cannot run our custom op: ops.functorch_active).
             return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")

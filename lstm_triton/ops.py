@@ -28,9 +28,10 @@ from torch import Tensor
 
 from .kernels import LSTMPlan, lstm_bwd, lstm_fwd, per_direction, plan_lstm
 from .kernels.dispatch import accumulation_dtype, check_offset_limits, interpreter_active, saved_gates_dtype
-from .reference import lstm_layer_reference
+from .reference import lstm_layer_directions_reference, lstm_layer_reference
 
-__all__ = ["lstm_layer", "lstm_layer_directions", "recorded_plans", "reverse_sequences", "triton_enabled"]
+__all__ = ["functorch_active", "lstm_layer", "lstm_layer_directions", "recorded_plans", "reverse_sequences",
+           "triton_enabled"]
 
 
 def triton_enabled(t: Tensor) -> bool:
@@ -38,6 +39,18 @@ def triton_enabled(t: Tensor) -> bool:
     if t.device.type == "cuda":
         return True
     return t.device.type == "cpu" and interpreter_active()
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...) is running the current call.
+
+    The autograd.Function that ``torch.library.register_autograd`` generates for our custom op has no
+    ``setup_context`` staticmethod, and functorch refuses such functions ("must override the setup_context
+    staticmethod"; pytorch/pytorch#168393, #179652), so under a transform the op cannot run: callers use plain
+    PyTorch ops instead (the module: PyTorch's own LSTM; :func:`lstm_layer_directions`: the reference). Not
+    consulted while Dynamo traces, which sees the custom op as one node.
+    """
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 _recording = threading.local()
@@ -318,6 +331,9 @@ def lstm_layer_directions(
     check_offset_limits(B, H, P, w_ih[0].shape[1])
     h0 = x.new_zeros(D, B, P) if h0 is None else h0
     c0 = x.new_zeros(D, B, H) if c0 is None else c0
+    if functorch_active():  # torch.func cannot run the custom op (see functorch_active): the same math, plain ops
+        return lstm_layer_directions_reference(x, h0, c0, weights, lengths=lengths, reverse=reverse, resets=resets,
+                                               dropout_mask=dropout_mask, return_cell_states=return_cell_states)
     if B == 0:  # nothing for a kernel to do; the reference keeps shapes and autograd right
         outs = [lstm_layer_reference(x, h0[d], c0[d], *weights[d], return_cell_states=True) for d in range(D)]
         result = (torch.cat([o[0] for o in outs], -1), torch.stack([o[1] for o in outs]),

@@ -66,3 +66,16 @@ class WeightDrop(torch.nn.Module):
         raw = getattr(self.rnn, self.name + "_raw")
         setattr(self.rnn, self.name, torch.nn.functional.dropout(raw, self.p, self.training))
         return self.rnn(*args)
+
+
+def module_pair(*args, cell=False, dtype=torch.float64, device=DEVICE, seed=0, **kwargs):
+    """(lstm_triton module, torch.nn module) built with the same arguments and carrying the same state_dict:
+    ``LSTM`` / ``torch.nn.LSTM``, or with ``cell=True`` ``LSTMCell`` / ``torch.nn.LSTMCell``."""
+    import lstm_triton
+
+    ours_cls, ref_cls = (lstm_triton.LSTMCell, torch.nn.LSTMCell) if cell else (lstm_triton.LSTM, torch.nn.LSTM)
+    torch.manual_seed(seed)
+    ref = ref_cls(*args, **kwargs).to(device=device, dtype=dtype)
+    ours = ours_cls(*args, **kwargs).to(device=device, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
