@@ -157,7 +157,7 @@ def test_dispatcher_choice():
     # Cooperative only when the whole grid can be resident (and never with a projection); the smallest tiles
     # whose grid fits, so the most SMs share W_hh.
     plan = plan_lstm(16, 1024, torch.bfloat16, resident_programs=132)
-    assert (plan.path, plan.block_h, plan.block_h_bwd) == ("cooperative", 8, 16)
+    assert (plan.path, plan.block_h, plan.block_h_bwd, plan.num_warps) == ("cooperative", 8, 16, 4)
     assert plan.programs(16, 1024, 1) == 128
     assert plan_lstm(16, 768, torch.bfloat16, resident_programs=132).grid(16, 768, 1) == (1, 96, 1)
     assert plan_lstm(16, 1024, torch.bfloat16, resident_programs=0).path == "stepwise"

@@ -99,10 +99,13 @@ def _cooperative_fwd_kernel(
     s_begin, s_end, timeout,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GLOBALTIMER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GLOBALTIMER: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
     # Steps [s_begin, s_end). hx [2, D, B, H]: slot s mod 2 holds the operand of step s's dot; h_st, c_st
     # [D, B, H] carry the program's own state between launches (interpreter) and hold it at the end.
+    # K_SPLIT (1, 2 or 4): the reduction over h is split into that many independent dots, each with its own
+    # accumulator, so a warp's tensor-core instructions form K_SPLIT dependency chains of HP/(16·K_SPLIT)
+    # instead of one of HP/16: the step's dot latency is divided by K_SPLIT where the chain was the limit.
     acc_ty = c_st_ptr.dtype.element_ty
     G = 4 * H
     pid_b = tl.program_id(0)
@@ -113,13 +116,17 @@ def _cooperative_fwd_kernel(
     rb, rh, col_g, mb, m_col, m_h, m_g = unit_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     off_h = rb[:, None] * H + rh[None, :]
     off_g = rb[:, None] * G + col_g[None, :]
-    rk = tl.arange(0, BLOCK_K)
-    m_k = mb[:, None] & (rk < H)[None, :]
     lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
 
-    # This program's W_hhᵀ columns [BLOCK_K, 4·BLOCK_H], on chip for every step of the launch.
-    w_t = tl.load(in_direction(w_hh_ptr, d, w_hh_dir) + col_g[None, :] * H + rk[:, None],
-                  mask=(rk < H)[:, None] & m_col[None, :], other=0.0)
+    # This program's W_hhᵀ columns [BLOCK_K, 4·BLOCK_H] in K_SPLIT row chunks, on chip for every step.
+    KC: tl.constexpr = BLOCK_K // K_SPLIT
+    w_d = in_direction(w_hh_ptr, d, w_hh_dir)
+    w_0 = _w_rows(w_d, col_g, m_col, H, 0, KC)
+    if K_SPLIT >= 2:
+        w_1 = _w_rows(w_d, col_g, m_col, H, KC, KC)
+    if K_SPLIT >= 4:
+        w_2 = _w_rows(w_d, col_g, m_col, H, 2 * KC, KC)
+        w_3 = _w_rows(w_d, col_g, m_col, H, 3 * KC, KC)
     c = tl.load(c_st_ptr + d * B * H + off_h, mask=m_h, other=0.0)
     h_own = tl.load(h_st_ptr + d * B * H + off_h, mask=m_h, other=0.0)
     if HAS_RESETS:
@@ -136,10 +143,14 @@ def _cooperative_fwd_kernel(
         if HAS_RESETS:
             c = tl.where(starts_segment(reset_ptr, d, stride_rd, s, B, rb, mb, lens, HAS_RESETS), c0, c)
         ok = _wait_for(counter, s * NH, timeout, ok, GLOBALTIMER)  # every program published step s-1
-        # .cg: read the freshly published operand from L2, never a stale L1 line.
-        h_prev = tl.load(in_direction(hx_ptr, (s % 2) * ND + d, B * H) + rb[:, None] * H + rk[None, :], mask=m_k,
-                         other=0.0, cache_modifier=".cg")
-        pre = mma(h_prev, w_t, pre, DOT_PRECISION, UPCAST_DOT)
+        hx_s = in_direction(hx_ptr, (s % 2) * ND + d, B * H)
+        pre = mma(_h_cols(hx_s, rb, mb, H, 0, KC), w_0, pre, DOT_PRECISION, UPCAST_DOT)
+        if K_SPLIT >= 2:
+            zero = tl.zeros((BLOCK_B, 4 * BLOCK_H), acc_ty)
+            pre += mma(_h_cols(hx_s, rb, mb, H, KC, KC), w_1, zero, DOT_PRECISION, UPCAST_DOT)
+        if K_SPLIT >= 4:
+            part_2 = mma(_h_cols(hx_s, rb, mb, H, 2 * KC, KC), w_2, zero, DOT_PRECISION, UPCAST_DOT)
+            pre += part_2 + mma(_h_cols(hx_s, rb, mb, H, 3 * KC, KC), w_3, zero, DOT_PRECISION, UPCAST_DOT)
         pre = tl.where(m_col[None, :], pre, 0.0)  # padded columns stay 0 even for h = ±inf (see persistent.py)
         act, c_new, h_new = cell_forward(pre, c, BLOCK_B, BLOCK_H)
         h_new = h_new.to(y_ptr.dtype.element_ty)
@@ -175,6 +186,21 @@ def _cooperative_fwd_kernel(
 
 
 @triton.jit
+def _w_rows(w_d, col_g, m_col, H, k0, KC: tl.constexpr):
+    """Rows k0..k0+KC of this program's W_hhᵀ slice, [KC, 4·BLOCK_H] (rows past H are zero)."""
+    rk = k0 + tl.arange(0, KC)
+    return tl.load(w_d + col_g[None, :] * H + rk[:, None], mask=(rk < H)[:, None] & m_col[None, :], other=0.0)
+
+
+@triton.jit
+def _h_cols(hx_s, rb, mb, H, k0, KC: tl.constexpr):
+    """Columns k0..k0+KC of the published operand [B, H] for rows rb. ``.cg``: from L2, never a stale L1 line."""
+    rk = k0 + tl.arange(0, KC)
+    return tl.load(hx_s + rb[:, None] * H + rk[None, :], mask=mb[:, None] & (rk < H)[None, :], other=0.0,
+                   cache_modifier=".cg")
+
+
+@triton.jit
 def _gate_columns(w_d, k, H, rk, rh, BLOCK_K: tl.constexpr):
     """W_hh[k·H + rk, rh] of one gate k: [BLOCK_K, BLOCK_H] (rows past H are zero)."""
     return tl.load(w_d + (k * H + rk[:, None]) * H + rh[None, :], mask=(rk < H)[:, None] & (rh < H)[None, :],
@@ -182,16 +208,18 @@ def _gate_columns(w_d, k, H, rk, rh, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _dh_from_dgates(dg_ptr, rb, mb, rk, H, w_i, w_f, w_g, w_o, acc,
+def _dh_from_dgates(dg_ptr, rb, mb, rk, H, w_i, w_f, w_g, w_o, zero,
                     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """acc + dgates[rb, :]·W_hh[:, own units] for one step's dgates [B, 4H] (gate-blocked), gate by gate."""
+    """dgates[rb, :]·W_hh[:, own units] for one step's dgates [B, 4H] (gate-blocked; ``.cg``: from L2), as four
+    independent gate dots (four accumulator chains, not one of four times the length), summed at the end.
+    ``zero``: a zero accumulator tile."""
     m = mb[:, None] & (rk < H)[None, :]
     row = dg_ptr + rb[:, None] * (4 * H) + rk[None, :]
-    acc = mma(tl.load(row, mask=m, other=0.0, cache_modifier=".cg"), w_i, acc, DOT_PRECISION, UPCAST_DOT)
-    acc = mma(tl.load(row + H, mask=m, other=0.0, cache_modifier=".cg"), w_f, acc, DOT_PRECISION, UPCAST_DOT)
-    acc = mma(tl.load(row + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), w_g, acc, DOT_PRECISION, UPCAST_DOT)
-    acc = mma(tl.load(row + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), w_o, acc, DOT_PRECISION, UPCAST_DOT)
-    return acc
+    d_i = mma(tl.load(row, mask=m, other=0.0, cache_modifier=".cg"), w_i, zero, DOT_PRECISION, UPCAST_DOT)
+    d_f = mma(tl.load(row + H, mask=m, other=0.0, cache_modifier=".cg"), w_f, zero, DOT_PRECISION, UPCAST_DOT)
+    d_g = mma(tl.load(row + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), w_g, zero, DOT_PRECISION, UPCAST_DOT)
+    d_o = mma(tl.load(row + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), w_o, zero, DOT_PRECISION, UPCAST_DOT)
+    return (d_i + d_f) + (d_g + d_o)
 
 
 @triton.jit
@@ -380,8 +408,13 @@ def _bwd_launches(T: int):
     return [(0, T, True)]
 
 
-def _launch_options(plan: LSTMPlan, device: torch.device) -> dict:
-    options = dict(num_warps=plan.num_warps, num_stages=1)
+def k_split(block_k: int) -> int:
+    """Independent dots the forward splits its reduction over h into: as many as keep each ≥ 16 wide, up to 4."""
+    return 4 if block_k >= 64 else 2 if block_k >= 32 else 1
+
+
+def _launch_options(plan: LSTMPlan, device: torch.device, backward: bool = False) -> dict:
+    options = dict(num_warps=plan.num_warps_bwd if backward else plan.num_warps, num_stages=1)
     if device.type != "cpu" and not interpreter_active():  # a GPU (or meta tensors describing a GPU launch)
         options["launch_cooperative_grid"] = True  # the driver starts every program at once or refuses
     return options
@@ -417,7 +450,7 @@ def forward(plan: LSTMPlan, gx, w_hh: PerDirection, w_hr, h0, c0, lengths, reset
     options = dict(BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_p, HAS_LENGTHS=lengths is not None,
                    HAS_RESETS=resets is not None, HAS_MASK=mask is not None, SAVE=save,
                    DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot, GLOBALTIMER=clock,
-                   **_launch_options(plan, dev))
+                   K_SPLIT=k_split(plan.block_p), **_launch_options(plan, dev))
     for s_begin, s_end in _step_ranges(T):
         _cooperative_fwd_kernel[plan.grid(B, H, D)](*args, s_begin, s_end, timeout, **options)
     dog.after_launch()
@@ -449,7 +482,7 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
     options = dict(BLOCK_B=plan.block_b, BLOCK_H=plan.block_h_bwd, BLOCK_K=plan.block_p,
                    HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, HAS_MASK=mask is not None,
                    HAS_DCS=dcs is not None, DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
-                   GLOBALTIMER=clock, **_launch_options(plan, dev))
+                   GLOBALTIMER=clock, **_launch_options(plan, dev, backward=True))
     for s_lo, s_hi, finalize in _bwd_launches(T):
         _cooperative_bwd_kernel[plan.grid(B, H, D, backward=True)](*args, s_hi, s_lo, int(finalize), timeout, **options)
     dog.after_launch()
@@ -474,10 +507,10 @@ def programs_per_sm(plan: LSTMPlan, dtype: torch.dtype, device_index: int,
                 kernel._init_handles()  # loads the binary: n_regs, and the device's own resource checks
             except triton.runtime.errors.OutOfResources:
                 return 0
-            threads = 32 * plan.num_warps
-            regs = -(-kernel.n_regs * 32 // 256) * 256 * plan.num_warps  # allocated per warp in units of 256
+            warps = kernel.metadata.num_warps
+            regs = -(-kernel.n_regs * 32 // 256) * 256 * warps  # allocated per warp in units of 256
             fits = min(regs_per_sm // max(regs, 1), smem_per_sm // max(kernel.metadata.shared, 1),
-                       threads_per_sm // threads)
+                       threads_per_sm // (32 * warps))
             least = fits if least is None else min(least, fits)
     return least or 0
 
@@ -491,14 +524,14 @@ def _compiled_kernels(plan: LSTMPlan, dtype: torch.dtype, dev: torch.device, B: 
     timeout, clock = _timeout(dev)
     common = dict(BLOCK_B=plan.block_b, BLOCK_K=plan.block_p, HAS_LENGTHS=False, HAS_RESETS=False,
                   HAS_MASK=False, DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
-                  GLOBALTIMER=clock, grid=(1,), **_launch_options(plan, dev))
+                  GLOBALTIMER=clock, grid=(1,))
     gx, hb, cb, cs = t(1, T, B, G), t(1, B, H), t(1, B, H, dt=acc), t(1, T + 1, B, H, dt=acc)
     fwd = _cooperative_fwd_kernel.warmup(
         gx, gx, hb, cb, i32, i32, hb, t(1, T, B, H), hb, hb, gx, cs, t(2, 1, B, H), hb, cb, i32, i32,
         T, B, H, gx.stride(0), gx.stride(1), T * B * H, B * H, cs.stride(0), cs.stride(1), 0, 0, 0, T, timeout,
-        BLOCK_H=plan.block_h, SAVE=True, **common)
+        BLOCK_H=plan.block_h, SAVE=True, K_SPLIT=k_split(plan.block_p), **_launch_options(plan, dev), **common)
     bwd = _cooperative_bwd_kernel.warmup(
         t(1, T, B, H), hb, gx, cs, gx, i32, i32, hb, gx, cb, cb, cb, cb, cb, cb, i32, i32,
         T, B, H, gx.stride(0), gx.stride(1), T * B * H, B * H, cs.stride(0), cs.stride(1), 0, 0, 0, 0, T, 0, 1,
-        timeout, BLOCK_H=plan.block_h_bwd, HAS_DCS=False, **common)
+        timeout, BLOCK_H=plan.block_h_bwd, HAS_DCS=False, **_launch_options(plan, dev, backward=True), **common)
     return fwd, bwd

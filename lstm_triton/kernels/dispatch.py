@@ -73,6 +73,7 @@ class LSTMPlan:
     block_p: int  # persistent: PP; cooperative: HP (one dot over all of h); stepwise: unused
     block_k: int  # stepwise: the reduction tile over h (and x for a fused step)
     num_warps: int
+    num_warps_bwd: int
     dot_precision: str  # "ieee" | "tf32"
     upcast_dot: bool  # bfloat16 under the interpreter: see common.mma
     fused_step: bool = False  # one step whose stepwise kernel also computes x·W_ihᵀ + b (LSTMCell)
@@ -124,16 +125,29 @@ def _cooperative_tiles(B: int, H: int, D: int, dtype: torch.dtype, capacity: Opt
     if not fwd_tiles or not bwd_tiles:
         return None
     if capacity is None:
-        return LSTMPlan(path="cooperative", block_b=16, block_h=fwd_tiles[0], block_h_bwd=bwd_tiles[0],
-                        block_p=HP, block_k=HP, num_warps=8, **base)
+        return _cooperative_plan(16, fwd_tiles[0], bwd_tiles[0], HP, base)
     for block_b in COOPERATIVE_BATCH_TILES:
         for block_h in fwd_tiles:
             for block_h_bwd in bwd_tiles:
-                plan = LSTMPlan(path="cooperative", block_b=block_b, block_h=block_h, block_h_bwd=block_h_bwd,
-                                block_p=HP, block_k=HP, num_warps=8, **base)
+                plan = _cooperative_plan(block_b, block_h, block_h_bwd, HP, base)
                 if plan.programs(B, H, D) <= capacity(plan):
                     return plan
     return None
+
+
+def _mma_warps(rows: int, cols: int) -> int:
+    """Warps that share an [rows, cols] dot tile without two computing the same part: the tensor-core tile is
+    16 rows by 8 columns per warp (up to one warpgroup of 4)."""
+    return max(1, min(4, (rows // 16) * (cols // 8)))
+
+
+def _cooperative_plan(block_b: int, block_h: int, block_h_bwd: int, HP: int, base: dict) -> LSTMPlan:
+    # Forward: one dot [BLOCK_B, 4·BLOCK_H] over HP, as many warps as share it without duplicating work. Backward:
+    # four gate dots [BLOCK_B, BLOCK_H_BWD] whose operands [BLOCK_B, HP] arrive from L2 every step; staging them
+    # takes 8 warps' registers (bf16 H = 1024: 184 registers, no spill, where 2 or 4 warps spill 284-604 bytes
+    # on sm_90 — the compile report), although 8 warps duplicate the small dots.
+    return LSTMPlan(path="cooperative", block_b=block_b, block_h=block_h, block_h_bwd=block_h_bwd, block_p=HP,
+                    block_k=HP, num_warps=_mma_warps(block_b, 4 * block_h), num_warps_bwd=8, **base)
 
 
 def check_offset_limits(B: int, H: int, P: int, I: int = 0) -> None:
@@ -236,7 +250,8 @@ def plan_lstm(
         if max(HP, PP) > PERSISTENT_FORCED_MAX:
             raise ValueError(f"the persistent LSTM path holds every unit's weights in one program: it takes H and "
                              f"proj_size up to {PERSISTENT_FORCED_MAX}, got H={H}, proj_size={proj_size}")
-        return LSTMPlan("persistent", 16, HP, HP, PP, PP, 4 if HP <= 32 else 8, **base)
+        warps = 4 if HP <= 32 else 8
+        return LSTMPlan("persistent", 16, HP, HP, PP, PP, warps, warps, **base)
     if path == "cooperative":
         # Where residency is unknowable (the interpreter runs one step per launch), a forced plan takes the
         # largest tiles within the on-chip budget; on a GPU its grid must fit what can be resident.
@@ -251,5 +266,5 @@ def plan_lstm(
         return plan
     block_h = 16 if H <= 256 else 32
     block_k = 32 if dtype == torch.float64 else 64
-    return LSTMPlan("stepwise", 16, block_h, block_h, block_h, block_k, 4, fused_step=T == 1 and not proj_size,
+    return LSTMPlan("stepwise", 16, block_h, block_h, block_h, block_k, 4, 4, fused_step=T == 1 and not proj_size,
                     **base)

@@ -251,6 +251,6 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
         HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
         HAS_MASK=mask is not None, HAS_DCS=dcs is not None,
         DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
-        num_warps=plan.num_warps, num_stages=1,
+        num_warps=plan.num_warps_bwd, num_stages=1,
     )
     return dgates, dh_all, dh0, dc0

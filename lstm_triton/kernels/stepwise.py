@@ -296,7 +296,7 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
             FUSED_DH=not has_proj, FINAL=s < 0, HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
             HAS_MASK=mask is not None, HAS_DCS=dcs is not None,
             DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
-            num_warps=plan.num_warps, num_stages=1,
+            num_warps=plan.num_warps_bwd, num_stages=1,
         )
     if has_proj:
         # Every sequence has at least one step, so step 0 is valid for all rows: dh0 gets dgates_0·W_hh, rounded
