@@ -267,6 +267,32 @@ def reverse_resets(resets: Tensor, lengths: Optional[Tensor]) -> Tensor:
     return reverse_sequences(ends, lengths)
 
 
+def _per_step_operands(x: Tensor, D: int, P: int, lengths: Optional[Tensor], resets: Optional[Tensor],
+                       dropout_mask: Optional[Tensor]):
+    """Check lengths [B], resets [T, B] bool and dropout_mask [D, B, P] against x [T, B, ·], and return them
+    contiguous (the mask in x's dtype).
+
+    The kernels address these operands as dense row-major arrays of exactly these shapes (stride B per step,
+    B·P per direction). A caller's view — a transposed or expanded mask, a strided slice of lengths — was read
+    with the wrong strides, and a broadcastable resets such as [T, 1] read past its end: silently wrong results
+    (or a fault on a GPU) instead of an error."""
+    T, B = x.shape[0], x.shape[1]
+    if lengths is not None:
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lstm_layer: lengths must have shape [B] = ({B},), got {tuple(lengths.shape)}")
+        lengths = lengths.contiguous()
+    if resets is not None:
+        if resets.dtype != torch.bool or tuple(resets.shape) != (T, B):
+            raise ValueError(f"lstm_layer: resets must be a bool tensor of shape [T, B] = {(T, B)}, got "
+                             f"{resets.dtype} of shape {tuple(resets.shape)}")
+    if dropout_mask is not None:
+        if tuple(dropout_mask.shape) != (D, B, P):
+            raise ValueError(f"lstm_layer: dropout_mask must have shape [D, B, P] = {(D, B, P)}, got "
+                             f"{tuple(dropout_mask.shape)}")
+        dropout_mask = dropout_mask.to(x.dtype).contiguous()
+    return lengths, resets, dropout_mask
+
+
 def lstm_layer_directions(
     x: Tensor,
     h0: Optional[Tensor],
@@ -318,6 +344,7 @@ def lstm_layer_directions(
     check_offset_limits(B, H, P, w_ih[0].shape[1])
     h0 = x.new_zeros(D, B, P) if h0 is None else h0
     c0 = x.new_zeros(D, B, H) if c0 is None else c0
+    lengths, resets, dropout_mask = _per_step_operands(x, D, P, lengths, resets, dropout_mask)
     if B == 0:  # nothing for a kernel to do; the reference keeps shapes and autograd right
         outs = [lstm_layer_reference(x, h0[d], c0[d], *weights[d], return_cell_states=True) for d in range(D)]
         result = (torch.cat([o[0] for o in outs], -1), torch.stack([o[1] for o in outs]),
