@@ -216,9 +216,14 @@ def _differentiable_backward(xs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 
     groups = [xs, [h0], [c0], w_ih, w_hh, b_ih, b_hh, w_hr]
     flags = [needs[0], [needs[1]], [needs[2]], needs[3], needs[4], needs[5], needs[6], needs[7]]
     with torch.enable_grad():
-        # Inputs that carry no grad still need to be leaves of the recomputation to be differentiated.
-        args = [[t if t.requires_grad or not f else t.detach().requires_grad_() for t, f in zip(g, fl)]
-                for g, fl in zip(groups, flags)]
+        # Inputs that carry no grad still need to be leaves of the recomputation to be differentiated. Those
+        # that do enter it through an alias of their own: autograd.grad with respect to the input itself would
+        # give its *total* derivative, and the op's inputs can depend on each other — the reverse direction's
+        # input is the forward one's, time-reversed, so d/dx_fwd would also collect the reverse direction's
+        # gradient, which autograd adds again through the reversal (a bidirectional layer's dx came back wrong
+        # under create_graph=True). Through the aliases each input gets its partial derivative only.
+        args = [[t.view_as(t) if t.requires_grad else t.detach().requires_grad_() if f else t
+                 for t, f in zip(g, fl)] for g, fl in zip(groups, flags)]
         axs, (ah0,), (ac0,), aw_ih, aw_hh, ab_ih, ab_hh, aw_hr = args
         lens = None if lengths is None else lengths.tolist()
         outs = [
