@@ -229,9 +229,14 @@ def _differentiable_backward(xs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 
     groups = [xs, [h0], [c0], w_ih, w_hh, b_ih, b_hh, w_hr]
     flags = [needs[0], [needs[1]], [needs[2]], needs[3], needs[4], needs[5], needs[6], needs[7]]
     with torch.enable_grad():
-        # Inputs that carry no grad still need to be leaves of the recomputation to be differentiated.
-        args = [[t if t.requires_grad or not f else t.detach().requires_grad_() for t, f in zip(g, fl)]
-                for g, fl in zip(groups, flags)]
+        # Inputs that carry no grad still need to be leaves of the recomputation to be differentiated. Those
+        # that do enter it through an alias of their own: autograd.grad with respect to the input itself would
+        # give its *total* derivative, and the op's inputs can depend on each other — the reverse direction's
+        # input is the forward one's, time-reversed, so d/dx_fwd would also collect the reverse direction's
+        # gradient, which autograd adds again through the reversal (a bidirectional layer's dx came back wrong
+        # under create_graph=True). Through the aliases each input gets its partial derivative only.
+        args = [[t.view_as(t) if t.requires_grad else t.detach().requires_grad_() if f else t
+                 for t, f in zip(g, fl)] for g, fl in zip(groups, flags)]
         axs, (ah0,), (ac0,), aw_ih, aw_hh, ab_ih, ab_hh, aw_hr = args
         lens = None if lengths is None else lengths.tolist()
         outs = [
@@ -278,6 +283,32 @@ def reverse_resets(resets: Tensor, lengths: Optional[Tensor]) -> Tensor:
     """
     ends = torch.cat([resets[1:], torch.zeros_like(resets[:1])])
     return reverse_sequences(ends, lengths)
+
+
+def _per_step_operands(x: Tensor, D: int, P: int, lengths: Optional[Tensor], resets: Optional[Tensor],
+                       dropout_mask: Optional[Tensor]):
+    """Check lengths [B], resets [T, B] bool and dropout_mask [D, B, P] against x [T, B, ·], and return them
+    contiguous (the mask in x's dtype).
+
+    The kernels address these operands as dense row-major arrays of exactly these shapes (stride B per step,
+    B·P per direction). A caller's view — a transposed or expanded mask, a strided slice of lengths — was read
+    with the wrong strides, and a broadcastable resets such as [T, 1] read past its end: silently wrong results
+    (or a fault on a GPU) instead of an error."""
+    T, B = x.shape[0], x.shape[1]
+    if lengths is not None:
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lstm_layer: lengths must have shape [B] = ({B},), got {tuple(lengths.shape)}")
+        lengths = lengths.contiguous()
+    if resets is not None:
+        if resets.dtype != torch.bool or tuple(resets.shape) != (T, B):
+            raise ValueError(f"lstm_layer: resets must be a bool tensor of shape [T, B] = {(T, B)}, got "
+                             f"{resets.dtype} of shape {tuple(resets.shape)}")
+    if dropout_mask is not None:
+        if tuple(dropout_mask.shape) != (D, B, P):
+            raise ValueError(f"lstm_layer: dropout_mask must have shape [D, B, P] = {(D, B, P)}, got "
+                             f"{tuple(dropout_mask.shape)}")
+        dropout_mask = dropout_mask.to(x.dtype).contiguous()
+    return lengths, resets, dropout_mask
 
 
 def lstm_layer_directions(
@@ -331,6 +362,7 @@ def lstm_layer_directions(
     check_offset_limits(B, H, P, w_ih[0].shape[1])
     h0 = x.new_zeros(D, B, P) if h0 is None else h0
     c0 = x.new_zeros(D, B, H) if c0 is None else c0
+    lengths, resets, dropout_mask = _per_step_operands(x, D, P, lengths, resets, dropout_mask)
     if functorch_active():  # torch.func cannot run the custom op (see functorch_active): the same math, plain ops
         return lstm_layer_directions_reference(x, h0, c0, weights, lengths=lengths, reverse=reverse, resets=resets,
                                                dropout_mask=dropout_mask, return_cell_states=return_cell_states)

@@ -1,5 +1,9 @@
-"""Shared test utilities: random LSTM problems, gradients through every output, error measures."""
+"""Shared test utilities: random LSTM problems, gradients through every output, error measures, observed kernel
+launches."""
 from __future__ import annotations
+
+import contextlib
+from unittest import mock
 
 import torch
 
@@ -79,3 +83,34 @@ def module_pair(*args, cell=False, dtype=torch.float64, device=DEVICE, seed=0, *
     ours = ours_cls(*args, **kwargs).to(device=device, dtype=dtype)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
+
+
+# Kernel launches, observed. Every Triton kernel, whichever module launches it, goes through
+# JITFunction.run (GPU) or InterpretedFunction.run (interpreter).
+
+
+class KernelLaunched(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def intercepted_launches(fail=False):
+    """Intercept every Triton kernel launch inside the block, whichever module launches it (JITFunction.run on a
+    GPU, InterpretedFunction.run under the interpreter): nothing runs. Yields the list of launches as
+    (kernel name, {argument name: value}); with ``fail=True`` a launch raises KernelLaunched instead."""
+    from triton.runtime import interpreter, jit
+
+    launches = []
+
+    def fake(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            return None
+        name = getattr(self.fn, "__name__", str(self.fn))
+        if fail:
+            raise KernelLaunched(name)
+        launches.append((name, {**dict(zip(self.arg_names, args)), **kwargs}))
+        return None
+
+    with mock.patch.object(jit.JITFunction, "run", fake), \
+            mock.patch.object(interpreter.InterpretedFunction, "run", fake):
+        yield launches

@@ -4,10 +4,13 @@
   and the gradient reaching the first steps survives in the trained LSTM but has vanished in the RNN.
 * char_lm.py: the validation loss falls well below both the untrained model and the best context-free model
   (character frequencies), --compare trains torch.nn.LSTM on the same curve, and generation returns text.
+* episodic_memory.py: with resets marking episode starts the model recalls every episode's cue; without them
+  (the state leaks across episodes) it stays far below, on every episode after a stream's first.
 
 The examples are called in-process through their ``main(argv)``. Without a GPU they must run on PyTorch's
-CPU LSTM, not on the Triton interpreter that conftest switches on, hence TRITON_INTERPRET=0 here; with a
-GPU they run on the Triton kernels.
+CPU LSTM (and, for what it cannot do, such as resets, on lstm_triton's plain-PyTorch reference), not on the
+Triton interpreter that conftest switches on, hence TRITON_INTERPRET=0 here; with a GPU they run on the Triton
+kernels.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-@pytest.mark.parametrize("name", ["long_range_memory", "char_lm"])
+@pytest.mark.parametrize("name", ["long_range_memory", "char_lm", "episodic_memory"])
 def test_example_help(name):
     out = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"],
                          capture_output=True, text=True, timeout=120)
@@ -108,6 +111,27 @@ def test_char_lm_loss_falls_and_compare_overlaps(plain_torch, tmp_path):
     assert sample.startswith(prompt) and len(sample) == len(prompt) + 80
     corpus = (EXAMPLES / "data" / "corpus.txt").read_text(encoding="utf-8")
     assert set(sample) <= set(corpus)
+    if has_matplotlib():
+        assert png.stat().st_size > 10_000
+
+
+def test_episodic_memory_resets_recall_every_episode_leaks_do_not(plain_torch, tmp_path):
+    ex = load_example("episodic_memory")
+    png = tmp_path / "episodic_memory.png"
+    # Quick mode with 150 steps instead of 300: the model with resets recalls every held-out episode after ~75
+    # steps; the one without resets sits near 30% (seeds 0-4: 29.6-32.3%), and at 25-35% on later episodes.
+    res = ex.main(["--quick", "--device", DEVICE, "--seed", "0", "--steps", "150", "--eval-every", "50",
+                   "--threads", "1", "--plot", str(png)])
+    with_resets, without = res["resets"], res["no_resets"]
+    assert with_resets["final_acc"] > 0.95, with_resets["curve"]
+    assert without["final_acc"] < 0.6, without["curve"]
+    assert with_resets["final_acc"] > without["final_acc"] + 0.4
+    # Every position in the stream: recalled with resets; without them only the first episode, which starts
+    # from the initial state, is above the rest, and every later one stays far below the resets model.
+    assert len(with_resets["by_index"]) >= 4 and min(with_resets["by_index"]) > 0.9
+    assert without["by_index"][0] > max(without["by_index"][1:])
+    assert max(without["by_index"][1:]) < 0.6
+    assert without["final_acc"] > res["chance"]  # it does learn what it can without the boundaries
     if has_matplotlib():
         assert png.stat().st_size > 10_000
 

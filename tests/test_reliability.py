@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lstm_triton
-from helpers import rel_err
+from helpers import KernelLaunched, intercepted_launches, rel_err
 from lstm_triton import lstm_layer, lstm_layer_directions, lstm_layer_reference, lstm_reference
 from lstm_triton.kernels import common as kernel_common
 from lstm_triton.kernels import lstm_bwd, lstm_fwd, per_direction, plan_lstm
@@ -94,38 +94,6 @@ def forward_backward(module, leaves, build):
     loss = sum((o * w).sum() for o, w in zip(outs, cotangents(outs)))
     grads = torch.autograd.grad(loss, list(leaves) + list(module.parameters()))
     return [o.detach() for o in outs], list(grads)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Kernel launches, observed. Every Triton kernel, whichever module launches it, goes through
-# JITFunction.run (GPU) or InterpretedFunction.run (interpreter).
-
-
-class KernelLaunched(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def intercepted_launches(fail=False):
-    """Intercept every Triton kernel launch inside the block, whichever module launches it (JITFunction.run on a
-    GPU, InterpretedFunction.run under the interpreter): nothing runs. Yields the list of launches as
-    (kernel name, {argument name: value}); with ``fail=True`` a launch raises KernelLaunched instead."""
-    from triton.runtime import interpreter, jit
-
-    launches = []
-
-    def fake(self, *args, grid, warmup, **kwargs):
-        if warmup:
-            return None
-        name = getattr(self.fn, "__name__", str(self.fn))
-        if fail:
-            raise KernelLaunched(name)
-        launches.append((name, {**dict(zip(self.arg_names, args)), **kwargs}))
-        return None
-
-    with mock.patch.object(jit.JITFunction, "run", fake), \
-            mock.patch.object(interpreter.InterpretedFunction, "run", fake):
-        yield launches
 
 
 # ----------------------------------------------------------------------------------------------------------------
