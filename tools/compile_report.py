@@ -27,7 +27,8 @@ True on CUDA targets and False on AMD, exactly as the launcher decides on each k
 
 Usage::
 
-    python -m tools.compile_report [--targets sm_90,sm_80,gfx942,gfx90a] [--json report.json] [--full] [--jobs N]
+    python -m tools.compile_report [--scope report|smoke|tier1|all] [--targets sm_90,sm_80,gfx942,gfx90a]
+                                   [--json report.json] [--full] [--jobs N]
 
 prints a table and writes the JSON report (fields per compile: kernel, path, target, triton version, dtype,
 tiles, num_warps, registers, spill bytes, shared memory, dot lowering, and the problem and switches that
@@ -363,12 +364,12 @@ def _tile_size(plan: dict) -> int:
 def select(groups: dict[str, list[Launch]], target_name: str, scope: str) -> list[str]:
     """Which specializations (keys of ``groups``) to compile.
 
-    "all": every tier-1 one; of the sweep's, per dtype mode, plan and kernel the one with the most switches on
-    (the largest live state: the register and spill worst case of that tile); per dtype mode, path and kernel
-    the one with the fewest switches on of the largest tile; then greedily until every value of every constexpr
-    (per mode, path and kernel) is compiled. "smoke": per dtype mode, path and kernel, the largest tile the
-    dispatcher picks by itself and the largest one a caller can force, each with every switch on and with
-    every switch off."""
+    "smoke": per dtype mode, path and kernel, the largest tile the dispatcher picks by itself and the largest
+    one a caller can force, each with every switch on and with every switch off. "report": those and every
+    tier-1 specialization (what the committed reports hold). "all": those; of the sweep's, per dtype mode, plan
+    and kernel the one with the most switches on (the largest live state: the register and spill worst case
+    of that tile); then greedily until every value of every constexpr (per mode, path and kernel) is
+    compiled."""
     n_on = lambda launch: sum(v is True for k, v in launch.features.items() if k != "launcher")  # noqa: E731
     members: dict[str, list[tuple[str, Launch]]] = {}
     for key, ls in groups.items():
@@ -390,9 +391,9 @@ def select(groups: dict[str, list[Launch]], target_name: str, scope: str) -> lis
             biggest = [(k, launch) for k, launch in mine if _tile_size(launch.plan) == largest]
             chosen.add(max(biggest, key=lambda m: n_on(m[1]))[0])
             chosen.add(min(biggest, key=lambda m: n_on(m[1]))[0])
-    if scope == "smoke":
+    chosen |= {k for k, ls in groups.items() if any(launch.tier1 for launch in ls) and scope != "smoke"}
+    if scope in ("smoke", "report"):
         return sorted(chosen)
-    chosen |= {k for k, ls in groups.items() if any(launch.tier1 for launch in ls)}
     for group in members.values():
         chosen.add(max(group, key=lambda m: n_on(m[1]))[0])
     pairs: dict[str, set] = {}
@@ -559,7 +560,7 @@ def compile_one(job) -> dict:
 
 
 def collect(targets=DEFAULT_TARGETS, full: bool = False, jobs: Optional[int] = None, progress: bool = False,
-            scope: str = "all") -> dict:
+            scope: str = "report") -> dict:
     """Record, specialize and compile (see the module docstring and :func:`select`); ``scope="tier1"``: only the
     tier-1 shapes. Needs TRITON_INTERPRET unset."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -647,9 +648,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the report here")
     p.add_argument("--full", action="store_true", default=os.environ.get(FULL_ENV, "0") == "1",
                    help=f"compile every recorded specialization, not the covering subset (or {FULL_ENV}=1)")
-    p.add_argument("--scope", choices=("all", "tier1", "smoke"), default="all",
-                   help="all: the dispatcher sweep and the tier-1 shapes; tier1: only the tier-1 shapes; smoke: per "
-                        "dtype, path and kernel the largest tile with every switch on and off")
+    p.add_argument("--scope", choices=("all", "report", "tier1", "smoke"), default="report",
+                   help="smoke: per dtype, path and kernel the largest tile the dispatcher picks and the largest a "
+                        "caller can force, every switch on and off; tier1: the tier-1 shapes only; report "
+                        "(default): smoke and tier1; all: the whole dispatcher sweep and the tier-1 shapes")
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no table, no progress (the JSON is still written)")
     args = p.parse_args(argv)

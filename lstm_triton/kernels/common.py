@@ -109,7 +109,7 @@ def cell_backward(dh, dc, act, c, c_prev, BLOCK_B: tl.constexpr, BLOCK_H: tl.con
 
 @triton.jit
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a·b with the accumulator's dtype.
+    """acc + a·b with the accumulator's dtype (float64: see below).
 
     UPCAST is set only under the interpreter for bfloat16: triton's interpreter multiplies bfloat16 tiles
     as their raw uint16 bits. Products of bfloat16 values are exact in float32, so the upcast computes what
@@ -118,6 +118,10 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    if acc.dtype == tl.float64:
+        # float64 (a dtype for checking, not for speed) on the FMA units: triton 3.6 cannot lower some float64
+        # tensor-core dots whose operand went through a select ("fp64 don't support largeK MMA").
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 

@@ -30,7 +30,8 @@ PERSISTENT_FORCED_MAX = 64  # a caller may force larger tiles than the caps (the
 COOPERATIVE_MAX_TILE_BYTES = 128 * 1024
 COOPERATIVE_MIN_BLOCK_H = 4  # forward: one dot of 4·BLOCK_H ≥ 16 gate columns
 COOPERATIVE_MIN_BLOCK_H_BWD = 16  # backward: one dot of BLOCK_H ≥ 16 output columns
-COOPERATIVE_BATCH_TILES = (16, 32)
+COOPERATIVE_BATCH_TILES = (16,)  # 32 rows spill kilobytes at every tile the dispatcher would pick (report)
+COOPERATIVE_MAX_OPERAND_BYTES = 32 * 1024
 
 INT32_MAX = 2**31 - 1
 
@@ -112,6 +113,13 @@ def cooperative_tile_fits(H: int, block_h: int, dtype: torch.dtype) -> bool:
     return 4 * block_h * padded(H) * element_size(dtype) <= COOPERATIVE_MAX_TILE_BYTES
 
 
+def cooperative_operand_fits(block_b: int, H: int, dtype: torch.dtype) -> bool:
+    """The per-step operand every program reads from L2 (h, or one gate of dgates: block_b × HP elements) within
+    the budget that compiles without spills (the compile report: 16 × 1024 bf16 holds; 32 × 1024 bf16 and
+    32 × 512 fp32 spill kilobytes and need more shared memory than sm_90 has)."""
+    return block_b * padded(H) * element_size(dtype) <= COOPERATIVE_MAX_OPERAND_BYTES
+
+
 def _cooperative_tiles(B: int, H: int, D: int, dtype: torch.dtype, capacity: Optional[Callable[[LSTMPlan], int]],
                        base: dict) -> Optional[LSTMPlan]:
     """The cooperative plan: the smallest batch tile and then the smallest unit tiles within the on-chip budget
@@ -126,7 +134,7 @@ def _cooperative_tiles(B: int, H: int, D: int, dtype: torch.dtype, capacity: Opt
         return None
     if capacity is None:
         return _cooperative_plan(16, fwd_tiles[0], bwd_tiles[0], HP, base)
-    for block_b in COOPERATIVE_BATCH_TILES:
+    for block_b in (b for b in COOPERATIVE_BATCH_TILES if cooperative_operand_fits(b, H, dtype)):
         for block_h in fwd_tiles:
             for block_h_bwd in bwd_tiles:
                 plan = _cooperative_plan(block_b, block_h, block_h_bwd, HP, base)
@@ -264,7 +272,9 @@ def plan_lstm(
                 + (", and all of its programs resident at once on the device" if known else "")
             )
         return plan
-    block_h = 16 if H <= 256 else 32
-    block_k = 32 if dtype == torch.float64 else 64
-    return LSTMPlan("stepwise", 16, block_h, block_h, block_h, block_k, 4, 4, fused_step=T == 1 and not proj_size,
+    # Stepwise tiles: the largest that compile without spills for sm_80 and sm_90 (the compile report): 32 units
+    # by 8 warps in 16-bit dtypes above H = 256, else 16 units by 4 warps; a 32-wide reduction tile.
+    wide = dtype in (torch.float16, torch.bfloat16) and H > 256
+    block_h, warps = (32, 8) if wide else (16, 4)
+    return LSTMPlan("stepwise", 16, block_h, block_h, block_h, 32, warps, warps, fused_step=T == 1 and not proj_size,
                     **base)
