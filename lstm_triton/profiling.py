@@ -35,7 +35,7 @@ class CallWork:
     aten_ops: int  # aten:: operators run on the host, at any depth (inside lstm_triton's custom ops too), but
     # not inside a Triton launch (under the interpreter the kernel itself runs as tensor operations)
     kernel_launches: int  # Triton kernel launches (on the GPU, or through the interpreter)
-    weight_copies: int  # copies of a tensor shaped like one of the given weights
+    weight_copies: int  # copies of a tensor the size of one of the given weights (or of two stacked)
     host_syncs: int  # operators / runtime calls that wait for the device
     device_ops: Optional[int]  # kernels, copies and memsets the GPU ran (None without CUDA)
 
@@ -63,9 +63,10 @@ def _counting_triton_launches():
 
 
 def call_work(fn: Callable[[], object], weights: Iterable[torch.Tensor] = ()) -> CallWork:
-    """Run ``fn()`` once and count its host work (see :class:`CallWork`); ``weights``: the tensors whose shape
-    makes a copy "weight-sized". Run it once before, so that compilation and caches are not counted."""
-    shapes = {tuple(w.shape) for w in weights}
+    """Run ``fn()`` once and count its host work (see :class:`CallWork`); ``weights``: the tensors whose size
+    makes a copy "weight-sized" (a copy of one, or of two stacked). Run it once before, so that compilation and caches are not counted."""
+    # A weight's numel, or two directions' worth of it: a copy of a weight, or of weights stacked into one tensor.
+    sizes = {k * w.numel() for w in weights for k in (1, 2)}
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with _counting_triton_launches() as launches, profile(activities=activities, record_shapes=True) as prof:
@@ -82,7 +83,7 @@ def call_work(fn: Callable[[], object], weights: Iterable[torch.Tensor] = ()) ->
     def is_weight_copy(e) -> bool:
         if not copies(e) or (e.cpu_parent is not None and e.cpu_parent.name in COPY_OPS):
             return False
-        return any(tuple(s) in shapes for s in (e.input_shapes or []) if isinstance(s, (list, tuple)))
+        return any(_numel(s) in sizes for s in (e.input_shapes or []))
 
     device_ops = None
     if cuda:
@@ -98,6 +99,18 @@ def call_work(fn: Callable[[], object], weights: Iterable[torch.Tensor] = ()) ->
 
 _FLUSH = "lstm_triton.call_work.flush"
 _LAUNCH = "lstm_triton.call_work.triton_launch"
+
+
+def _numel(shape) -> int:
+    """Elements of a recorded input shape (a list of sizes; a tensor list's shapes are summed); 0 for a scalar."""
+    if not isinstance(shape, (list, tuple)) or not shape:
+        return 0
+    if all(isinstance(s, (list, tuple)) for s in shape):
+        return sum(_numel(s) for s in shape)
+    n = 1
+    for size in shape:
+        n *= int(size)
+    return n
 
 
 def _under(event, name: str) -> bool:

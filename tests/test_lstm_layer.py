@@ -193,7 +193,7 @@ def test_plan_round_trips_and_the_backward_runs_the_forwards_plan(monkeypatch):
         monkeypatch.setattr(module, name, Spy())
     p = make_layer_problem(1, 5, 3, 12)
     run_with_grads(lstm_layer, p)
-    assert ran == ["_stepwise_bwd_kernel"]
+    assert ran and set(ran) == {"_stepwise_bwd_kernel"}
 
 
 def test_outputs_are_poisoned_before_kernels_run():

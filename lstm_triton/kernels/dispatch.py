@@ -26,8 +26,13 @@ PERSISTENT_MAX_HP = 16  # float32 / float64, and any dtype with a projection
 PERSISTENT_FORCED_MAX = 64  # a caller may force larger tiles than the caps (they spill), up to this padded H / P
 
 # The cooperative path keeps, per program, the 4·BLOCK_H rows of W_hh it multiplies h by (forward) and the
-# BLOCK_H columns it multiplies dgates by (backward), over all of h, on chip for the whole sequence.
-COOPERATIVE_MAX_TILE_BYTES = 128 * 1024
+# BLOCK_H columns it multiplies dgates by (backward), over all of h, on chip for the whole sequence. The
+# budgets are the largest slices that compile without spills for sm_80 and sm_90 with triton 3.6 and 3.9 (the
+# compile report: bf16 H = 1024 forward slices of 16 units spill ~3 KB, of 8 units none; backward slices of
+# 16 units none) — for H a multiple of 16; with other H the masked, unvectorized loads spill at HP = 1024.
+COOPERATIVE_MAX_TILE_BYTES = 64 * 1024
+COOPERATIVE_MAX_TILE_BYTES_BWD = 128 * 1024
+COOPERATIVE_UNALIGNED_MAX_HP = 512
 COOPERATIVE_MIN_BLOCK_H = 4  # forward: one dot of 4·BLOCK_H ≥ 16 gate columns
 COOPERATIVE_MIN_BLOCK_H_BWD = 16  # backward: one dot of BLOCK_H ≥ 16 output columns
 COOPERATIVE_BATCH_TILES = (16,)  # 32 rows spill kilobytes at every tile the dispatcher would pick (report)
@@ -108,9 +113,10 @@ def persistent_fits(H: int, dtype: torch.dtype, proj_size: int = 0) -> bool:
     return padded(H) <= cap and padded(proj_size or H) <= cap
 
 
-def cooperative_tile_fits(H: int, block_h: int, dtype: torch.dtype) -> bool:
+def cooperative_tile_fits(H: int, block_h: int, dtype: torch.dtype, backward: bool = False) -> bool:
     """A program's on-chip W_hh slice (4·block_h × HP elements) within the budget."""
-    return 4 * block_h * padded(H) * element_size(dtype) <= COOPERATIVE_MAX_TILE_BYTES
+    budget = COOPERATIVE_MAX_TILE_BYTES_BWD if backward else COOPERATIVE_MAX_TILE_BYTES
+    return 4 * block_h * padded(H) * element_size(dtype) <= budget
 
 
 def cooperative_operand_fits(block_b: int, H: int, dtype: torch.dtype) -> bool:
@@ -129,9 +135,11 @@ def _cooperative_tiles(B: int, H: int, D: int, dtype: torch.dtype, capacity: Opt
     HP = padded(H)
     units = [u for u in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if u <= HP]
     fwd_tiles = [u for u in units if u >= COOPERATIVE_MIN_BLOCK_H and cooperative_tile_fits(H, u, dtype)]
-    bwd_tiles = [u for u in units if u >= COOPERATIVE_MIN_BLOCK_H_BWD and cooperative_tile_fits(H, u, dtype)]
+    bwd_tiles = [u for u in units if u >= COOPERATIVE_MIN_BLOCK_H_BWD and cooperative_tile_fits(H, u, dtype, True)]
     if not fwd_tiles or not bwd_tiles:
         return None
+    if capacity is not None and H % 16 and HP > COOPERATIVE_UNALIGNED_MAX_HP:
+        return None  # see COOPERATIVE_MAX_TILE_BYTES (a forced plan under the interpreter still runs)
     if capacity is None:
         return _cooperative_plan(16, fwd_tiles[0], bwd_tiles[0], HP, base)
     for block_b in (b for b in COOPERATIVE_BATCH_TILES if cooperative_operand_fits(b, H, dtype)):
@@ -272,9 +280,10 @@ def plan_lstm(
                 + (", and all of its programs resident at once on the device" if known else "")
             )
         return plan
-    # Stepwise tiles: the largest that compile without spills for sm_80 and sm_90 (the compile report): 32 units
-    # by 8 warps in 16-bit dtypes above H = 256, else 16 units by 4 warps; a 32-wide reduction tile.
+    # Stepwise tiles: the largest that compile without spills for sm_80 and sm_90 with triton 3.6 and 3.9 (the
+    # compile report): 32 units by 8 warps over 16-wide reduction tiles in 16-bit dtypes above H = 256, else
+    # 16 units by 4 warps over 32-wide ones (4-wide in float64, whose products are formed on the FMA units).
     wide = dtype in (torch.float16, torch.bfloat16) and H > 256
-    block_h, warps = (32, 8) if wide else (16, 4)
-    return LSTMPlan("stepwise", 16, block_h, block_h, block_h, 32, warps, warps, fused_step=T == 1 and not proj_size,
-                    **base)
+    block_h, block_k, warps = (32, 16, 8) if wide else (16, 4 if dtype == torch.float64 else 32, 4)
+    return LSTMPlan("stepwise", 16, block_h, block_h, block_h, block_k, warps, warps,
+                    fused_step=T == 1 and not proj_size, **base)
