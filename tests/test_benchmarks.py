@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from benchmarks import report, shapes, suite
 from benchmarks.__main__ import main
 from benchmarks.correctness import representable
 from benchmarks.timing import percentile
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TOP_LEVEL = {"device": str, "torch": str, "triton": str, "git_sha": (str, type(None)), "date": str, "rows": list}
 ROW_FIELDS = ("provider", "mode", "dtype", "T", "B", "I", "H", "num_layers", "median_ms", "p10_ms", "p90_ms",
               "max_rel_err", "peak_mem_mb")

@@ -12,7 +12,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lstm_triton
-from helpers import rel_err
+from helpers import rel_err, seeded_loss_and_grads
 
 
 @pytest.fixture(autouse=True)
@@ -34,15 +34,10 @@ class Model(nn.Module):
         return self.head(y).sum() + h.square().sum() + c.sum()
 
 
-def loss_and_grads(fn, model, x, seed=0):
-    torch.manual_seed(seed)  # dropout between layers draws from the global generator
-    loss = fn(x)
-    return [loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))]
-
-
 def assert_matches_eager(model, compiled, x, tol):
-    eager = loss_and_grads(model, model, x)
-    result = loss_and_grads(compiled, model, x)
+    # seed 0 before each: dropout between layers draws from the global generator
+    eager = seeded_loss_and_grads(model, (x,), model.parameters(), seed=0)
+    result = seeded_loss_and_grads(compiled, (x,), model.parameters(), seed=0)
     for a, b in zip(result, eager):
         assert (torch.equal(a, b) if tol == 0 else rel_err(a, b) < tol), (a, b)
 

@@ -12,11 +12,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 NVIDIA = ("sm_90", "sm_80")
 # Shared memory one program may use: H100/H200 227 KiB, A100 163 KiB.
 SMEM_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}

@@ -12,9 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 import lstm_triton
-from helpers import WeightDrop, rel_err
-
-F64 = torch.float64
+from helpers import F64, WeightDrop, rel_err
 
 
 class Double(nn.Module):

@@ -17,13 +17,13 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import DEVICE, REPO
+
+EXAMPLES = REPO / "examples"
 
 
 def load_example(name: str):

@@ -9,7 +9,7 @@ Bounds, per dtype:
 import pytest
 import torch
 
-from helpers import DEVICE, make_layer_problem, rel_err, run_with_grads
+from helpers import DEVICE, KERNEL_PATHS, make_layer_problem, rel_err, run_with_grads
 from lstm_triton import lstm_layer, lstm_layer_reference
 from lstm_triton.kernels import cooperative, per_direction, plan_lstm
 
@@ -20,7 +20,6 @@ SHAPES = [  # (T, B, I, H)
     (3, 2, 5, 64),  # a 64-unit tile: persistent only when forced
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-PATHS = ["persistent", "cooperative", "stepwise"]
 
 
 def shape_id(s):
@@ -43,7 +42,7 @@ def _bounds(problem_lp, ref_outs, ref_grads, cotangents, dtype):
     return [2 * e + unit for e in errs]
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_layer_matches_reference(shape, dtype, path):
@@ -63,7 +62,7 @@ def test_layer_matches_reference(shape, dtype, path):
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0c0", "no-state"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_layer_state_and_bias_options(path, bias, with_state):
     problem = make_layer_problem(3, 5, 6, 24, with_state=with_state, bias=bias)
     ref_outs, ref_grads, cot = run_with_grads(lstm_layer_reference, problem)
@@ -87,7 +86,7 @@ def test_paths_agree_float32(path):
         assert rel_err(grads_p[k], grads_s[k]) < 1e-6, k
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_gradcheck_float64(path, bias):
     p = make_layer_problem(3, 2, 2, 3, bias=bias)
@@ -217,7 +216,7 @@ def feature_id(f):
     return f"proj{f['proj']}-{'lengths' if f['lengths'] else 'full'}-{'rev' if f['reverse'] else 'fwd'}"
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("feat", FEATURES, ids=feature_id)
 def test_layer_projection_lengths_reverse(feat, path):
     if path == "cooperative" and feat["proj"]:
@@ -248,7 +247,7 @@ def test_layer_projection_lengths_reverse(feat, path):
         assert rel_err(grads[k], ref_grads[k]) < 1e-12, k
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_two_directions_in_one_launch_match_separate_runs(path):
     from lstm_triton import lstm_layer_directions
 
@@ -270,7 +269,7 @@ def test_double_backward_through_the_op():
     assert torch.autograd.gradgradcheck(lambda *a: lstm_layer(**dict(zip(names, a))), inputs, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_recompute_option_gives_the_same_gradients(path):
     p = make_layer_problem(4, 3, 5, 20, dtype=torch.float32)
     outs, grads, cot = run_with_grads(lambda **a: lstm_layer(**a, path=path), p)

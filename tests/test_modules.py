@@ -4,16 +4,8 @@ import torch
 from torch import nn
 
 import lstm_triton
-from helpers import rel_err
+from helpers import kwargs_id, module_pair, rel_err
 from lstm_triton import modules
-
-
-def _pair(cls_ours, cls_torch, *args, **kwargs):
-    torch.manual_seed(0)
-    ref = cls_torch(*args, **kwargs).double()
-    ours = cls_ours(*args, **kwargs).double()
-    ours.load_state_dict(ref.state_dict())
-    return ours, ref
 
 
 def test_parameters_state_dict_and_init_match_torch():
@@ -40,7 +32,7 @@ def test_triton_path_is_what_answers_under_the_interpreter(monkeypatch):
             raise AssertionError(f"torch._VF.{name} was called")
 
     monkeypatch.setattr(modules, "_VF", NoVF())
-    ours, ref = _pair(lstm_triton.LSTM, nn.LSTM, 3, 5)
+    ours, ref = module_pair(3, 5, device="cpu")
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     y, (h, c) = ours(x)
     y_ref, (h_ref, c_ref) = ref(x)
@@ -52,7 +44,7 @@ def test_cpu_without_interpreter_uses_torch_lstm(monkeypatch):
     assert not lstm_triton.triton_enabled(torch.empty(0))
     called = []
     monkeypatch.setattr(modules, "lstm_layer", lambda *a, **k: called.append(1))
-    ours, ref = _pair(lstm_triton.LSTM, nn.LSTM, 3, 5)
+    ours, ref = module_pair(3, 5, device="cpu")
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=0, atol=0)
     assert not called
@@ -68,10 +60,10 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: kwargs_id(c, "default"))
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no-hx"])
 def test_lstm_parity_float64(cfg, with_hx):
-    ours, ref = _pair(lstm_triton.LSTM, nn.LSTM, 5, 7, **cfg)
+    ours, ref = module_pair(5, 7, device="cpu", **cfg)
     D = 2 if ref.bidirectional else 1
     x = torch.randn(2, 3, 5, dtype=torch.float64)
     hx = None
@@ -93,7 +85,7 @@ def test_lstm_parity_float64(cfg, with_hx):
 
 
 def test_lstm_unbatched_input():
-    ours, ref = _pair(lstm_triton.LSTM, nn.LSTM, 4, 6, num_layers=2)
+    ours, ref = module_pair(4, 6, num_layers=2, device="cpu")
     x = torch.randn(3, 4, dtype=torch.float64)
     hx = (torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))
     for a, b in zip((ours(x, hx)[0], *ours(x, hx)[1]), (ref(x, hx)[0], *ref(x, hx)[1])):
@@ -102,7 +94,7 @@ def test_lstm_unbatched_input():
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 def test_lstm_cell_parity(batched):
-    ours, ref = _pair(lstm_triton.LSTMCell, nn.LSTMCell, 4, 6)
+    ours, ref = module_pair(4, 6, cell=True, device="cpu")
     x = torch.randn(3, 4, dtype=torch.float64) if batched else torch.randn(4, dtype=torch.float64)
     hx = tuple(torch.randn(*x.shape[:-1], 6, dtype=torch.float64) for _ in range(2))
     for a, b in zip(ours(x, hx), ref(x, hx)):

@@ -10,8 +10,8 @@
   them, recurrent dropout and cell states against the reference with the module's own masks.
 - Recurrent dropout: one mask per layer, direction and sequence, the same at every step, new at every call,
   none in eval mode, p = 0 bit for bit the plain module, p = 1 cuts h out of the recurrence.
-- Bad input raises a clear error before any kernel runs; torch.compile and torch.export; the CPU path without
-  the interpreter (the module falls back to the reference) agrees with the kernels.
+- torch.compile and torch.export; the CPU path without the interpreter (the module falls back to the
+  reference) agrees with the kernels. Misshapen module options are refused in test_bad_input.py.
 
 Shapes are tiny (the interpreter is slow); H = 20 splits the hidden units over several programs on the
 cooperative path (5 forward programs of 4 units, 2 backward programs of 16).
@@ -27,12 +27,11 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import lstm_triton
-from helpers import DEVICE, KernelLaunched, intercepted_launches, rel_err
+from helpers import (DEVICE, F64, KERNEL_PATHS, assert_raises_before_any_kernel, intercepted_launches, module_pair,
+                     random_cotangents, rel_err, run_with_grads, seeded_loss_and_grads)
 from lstm_triton import lstm_layer_directions, lstm_layer_directions_reference, lstm_reference
 from lstm_triton import modules
 
-F64 = torch.float64
-PATHS = ["persistent", "cooperative", "stepwise"]
 TOL = 1e-12
 
 
@@ -90,21 +89,18 @@ def layer_problem(T, B, I, H, D=2, proj=0, bias=True, with_state=True, seed=0):
 
 def run_layer(fn, problem, cotangents=None, **options):
     """``fn(x, h0, c0, weights, **options)`` differentiated, through a random projection of every output, with
-    respect to every tensor input. Returns (outputs, {name: gradient}, cotangents)."""
+    respect to every tensor input (``run_with_grads``, the weights named ``w_ih[d]`` etc.). Returns (outputs,
+    {name: gradient}, cotangents)."""
     named = {"x": problem["x"], "h0": problem["h0"], "c0": problem["c0"]}
     for d, w in enumerate(problem["weights"]):
         named.update({f"{k}[{d}]": t for k, t in zip(("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"), w)})
-    leaves = {k: t.detach().clone().requires_grad_() for k, t in named.items() if t is not None}
-    arg = lambda k: leaves.get(k)  # noqa: E731
-    weights = [tuple(arg(f"{k}[{d}]") for k in ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"))
-               for d in range(len(problem["weights"]))]
-    outs = fn(arg("x"), arg("h0"), arg("c0"), weights, **options)
-    if cotangents is None:
-        g = torch.Generator().manual_seed(1)
-        cotangents = [torch.randn(o.shape, generator=g, dtype=F64).to(DEVICE) for o in outs]
-    loss = sum((o * c).sum() for o, c in zip(outs, cotangents))
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return [o.detach() for o in outs], dict(zip(leaves, grads)), cotangents
+
+    def call(**args):
+        weights = [tuple(args[f"{k}[{d}]"] for k in ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"))
+                   for d in range(len(problem["weights"]))]
+        return fn(args["x"], args["h0"], args["c0"], weights, **options)
+
+    return run_with_grads(call, named, cotangents)
 
 
 def reference_layer(x, h0, c0, weights, **options):
@@ -132,7 +128,7 @@ def assert_layer_matches_reference(problem, path, **options):
 
 
 @pytest.mark.parametrize("pattern", RESET_PATTERNS)
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_layer_resets_match_reference(path, pattern):
     """Both directions in one launch, h0 / c0 given, cell states differentiated too."""
     T, B = 5, 3
@@ -153,7 +149,7 @@ COMBOS = {
 
 
 @pytest.mark.parametrize("combo", list(COMBOS))
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_layer_resets_combined_with_other_options(path, combo):
     c = COMBOS[combo]
     if path == "cooperative" and c.get("proj"):
@@ -174,7 +170,7 @@ def test_layer_resets_combined_with_other_options(path, combo):
     assert_layer_matches_reference(problem, path, **options)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_layer_options_without_grad(path):
     """Inference (nothing saved for a backward) with resets, lengths and a mask."""
     T, B = 5, 3
@@ -193,7 +189,7 @@ def test_layer_options_without_grad(path):
                 assert rel_err(a, b) <= TOL
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_layer_takes_strided_operands(path):
     """A transposed resets, an expanded and transposed dropout mask, a strided int32 lengths: views, not copies
     (the kernels read dense arrays; the op hands them over contiguous)."""
@@ -363,15 +359,6 @@ def torch_by_segments(ref: nn.LSTM, x, hx, resets, lengths=None):
     return torch.cat(ys, 1), (torch.cat(hs, 1), torch.cat(cs, 1))
 
 
-def module_pair(*args, seed=0, **kwargs):
-    """(lstm_triton.LSTM, torch.nn.LSTM) with the same state_dict, float64, on DEVICE."""
-    torch.manual_seed(seed)
-    ref = nn.LSTM(*args, **kwargs).to(device=DEVICE, dtype=F64)
-    ours = lstm_triton.LSTM(*args, **kwargs).to(device=DEVICE, dtype=F64)
-    ours.load_state_dict(ref.state_dict())
-    return ours, ref
-
-
 def random_inputs(T, B, I, rows, H, P, with_state=True, seed=3, lengths=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, B, I, generator=g, dtype=F64)
@@ -391,8 +378,7 @@ def forward_and_grads(fn, x, hx, params, cotangents=None):
     out = fn(leaves["x"], (leaves["h0"], leaves["c0"]) if hx is not None else None)
     outs = [out[0], *out[1]] + ([out[2]] if len(out) > 2 and out[2] is not None else [])
     if cotangents is None:
-        g = torch.Generator().manual_seed(5)
-        cotangents = [torch.randn(o.shape, generator=g, dtype=F64).to(o.device) for o in outs]
+        cotangents = random_cotangents(outs, seed=5, cast=False)
     loss = sum((o * c).sum() for o, c in zip(outs, cotangents))
     wrt = {**leaves, **params}
     grads = torch.autograd.grad(loss, list(wrt.values()))
@@ -774,78 +760,6 @@ def test_init_forget_bias_on_every_lstm_kind():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Bad input: a clear error before any kernel runs.
-
-BAD_RESETS = {  # name: (module kwargs, input shape, resets factory, error type, message fragment)
-    "transposed": (dict(), (5, 3, 2), lambda: torch.zeros(3, 5, dtype=torch.bool), ValueError,
-                   r"\(sequence length, batch\) = \(5, 3\), got \(3, 5\)"),
-    "broadcastable-row": (dict(), (5, 3, 2), lambda: torch.zeros(5, 1, dtype=torch.bool), ValueError,
-                          r"\(5, 3\), got \(5, 1\)"),
-    "with-feature-dim": (dict(), (5, 3, 2), lambda: torch.zeros(5, 3, 1, dtype=torch.bool), ValueError,
-                         r"\(5, 3\), got \(5, 3, 1\)"),
-    "one-dim": (dict(), (5, 3, 2), lambda: torch.zeros(5, dtype=torch.bool), ValueError, r"\(5, 3\), got \(5,\)"),
-    "batch-first-seq-first": (dict(batch_first=True), (3, 5, 2), lambda: torch.zeros(5, 3, dtype=torch.bool),
-                              ValueError, r"\(batch, sequence length\) with batch_first = \(3, 5\), got \(5, 3\)"),
-    "unbatched-2d": (dict(), (5, 2), lambda: torch.zeros(5, 1, dtype=torch.bool), ValueError,
-                     r"\(sequence length,\) = \(5,\), got \(5, 1\)"),
-    "packed-flat": (dict(), "packed", lambda: torch.zeros(9, dtype=torch.bool), ValueError,
-                    r"\(max sequence length, batch\) = \(4, 3\), got \(9,\)"),
-    "packed-batch-first": (dict(batch_first=True), "packed", lambda: torch.zeros(3, 4, dtype=torch.bool), ValueError,
-                           r"\(max sequence length, batch\) = \(4, 3\), got \(3, 4\)"),
-    "float": (dict(), (5, 3, 2), lambda: torch.zeros(5, 3), TypeError, r"bool tensor, got dtype torch.float32"),
-    "int": (dict(), (5, 3, 2), lambda: torch.zeros(5, 3, dtype=torch.int64), TypeError, r"bool.*torch.int64"),
-    "uint8": (dict(), (5, 3, 2), lambda: torch.zeros(5, 3, dtype=torch.uint8), TypeError, r"bool.*torch.uint8"),
-    "list": (dict(), (5, 3, 2), lambda: [[False] * 3] * 5, TypeError, r"bool tensor of shape .*got list"),
-    "meta-device": (dict(), (5, 3, 2), lambda: torch.zeros(5, 3, dtype=torch.bool, device="meta"), RuntimeError,
-                    r"resets must be on the input's device \(.*\), got a tensor on meta"),
-}
-
-
-def assert_raises_before_any_kernel(call, error, match):
-    with intercepted_launches(fail=True):
-        with pytest.raises(Exception) as info:
-            call()
-    assert not isinstance(info.value, KernelLaunched), f"a kernel ran before the error: {info.value}"
-    assert isinstance(info.value, error), repr(info.value)
-    assert info.match(match)
-
-
-@pytest.mark.parametrize("case", list(BAD_RESETS))
-def test_bad_resets_raise_before_any_kernel(case):
-    kwargs, shape, resets, error, match = BAD_RESETS[case]
-    torch.manual_seed(0)
-    ours = lstm_triton.LSTM(2, 4, **kwargs).to(DEVICE, F64)
-    if shape == "packed":
-        x = nn.utils.rnn.pack_sequence([torch.randn(n, 2, dtype=F64, device=DEVICE) for n in (2, 4, 3)],
-                                       enforce_sorted=False)
-    else:
-        x = torch.randn(*shape, dtype=F64, device=DEVICE)
-    r = resets()
-    r = r.to(DEVICE) if isinstance(r, torch.Tensor) and r.device.type != "meta" else r
-    assert_raises_before_any_kernel(lambda: ours(x, resets=r), error, match)
-
-
-@pytest.mark.parametrize("p", [-0.1, 1.5, True, "0.5", float("nan")], ids=repr)
-def test_bad_recurrent_dropout_is_refused_like_torchs_dropout(p):
-    with pytest.raises(ValueError) as torch_error:
-        nn.LSTM(2, 3, dropout=p)
-    with pytest.raises(ValueError) as ours_error:
-        lstm_triton.LSTM(2, 3, recurrent_dropout=p)
-    assert str(ours_error.value) == str(torch_error.value).replace("dropout", "recurrent_dropout", 1)
-    assert str(ours_error.value).startswith("recurrent_dropout should be a number in range [0, 1]")
-
-
-def test_unknown_or_positional_keyword_raises_before_any_kernel():
-    ours = lstm_triton.LSTM(2, 4).to(DEVICE, F64)
-    x = torch.randn(5, 3, 2, dtype=F64, device=DEVICE)
-    r = torch.zeros(5, 3, dtype=torch.bool, device=DEVICE)
-    assert_raises_before_any_kernel(lambda: ours(x, reset=r), TypeError, "unexpected keyword argument 'reset'")
-    assert_raises_before_any_kernel(lambda: ours(x, None, r), TypeError, "positional argument")
-    with pytest.raises(TypeError, match="unexpected keyword argument 'recurrent_dropouts'"):
-        lstm_triton.LSTM(2, 4, recurrent_dropouts=0.1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # torch.compile and torch.export.
 
 
@@ -869,10 +783,8 @@ def test_compile_fullgraph_with_resets_and_recurrent_dropout_matches_eager(train
     x = torch.randn(4, 2, 3, dtype=F64, device=DEVICE)
     resets = bools(4, 2, [(1, 0), (2, 1), (3, 1)])
 
-    def loss_and_grads(fn):
-        torch.manual_seed(3)  # the recurrent-dropout masks: the same draw in both
-        loss = fn(x, resets)
-        return [loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))]
+    def loss_and_grads(fn):  # seed 3: the recurrent-dropout masks, the same draw in both
+        return seeded_loss_and_grads(fn, (x, resets), model.parameters(), seed=3)
 
     eager, result = loss_and_grads(model), loss_and_grads(compiled)
     assert all(torch.equal(a, b) for a, b in zip(result, eager))
@@ -908,9 +820,7 @@ def test_compile_on_the_cpu_path_with_options(monkeypatch):
     resets = bools(4, 2, [(1, 0), (2, 1), (3, 1)]).cpu()
 
     def loss_and_grads(fn):
-        torch.manual_seed(3)
-        loss = fn(x, resets)
-        return [loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))]
+        return seeded_loss_and_grads(fn, (x, resets), model.parameters(), seed=3)
 
     with intercepted_launches(fail=True):
         eager, result = loss_and_grads(model), loss_and_grads(compiled)

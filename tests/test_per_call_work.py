@@ -11,12 +11,11 @@ design.
 import pytest
 import torch
 
-from helpers import DEVICE
+from helpers import DEVICE, KERNEL_PATHS
 from lstm_triton import lstm_layer_directions
 from lstm_triton.kernels.dispatch import interpreter_active
 from lstm_triton.profiling import call_work
 
-PATHS = ["persistent", "cooperative", "stepwise"]
 T_SHORT, T_LONG = 3, 6
 
 
@@ -46,7 +45,7 @@ def _work(path, T, D):
 
 
 @pytest.mark.parametrize("D", [1, 2], ids=["one-direction", "bidirectional"])
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_no_weight_copy_and_no_host_sync(path, D):
     for T in (T_SHORT, T_LONG):
         for which, work in zip(("forward", "backward"), _work(path, T, D)):

@@ -18,9 +18,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 import lstm_triton
-from helpers import DEVICE, module_pair, rel_err
+from helpers import DEVICE, F64, module_pair, projection_loss, rel_err
 
-F64 = torch.float64
 I, H, T, B = 4, 6, 3, 2
 
 # name: (LSTMCell?, constructor keywords). A cell runs over the input's steps, each call from the last one's state:
@@ -80,15 +79,9 @@ def forward(module, x, hx, call=None):
     return [out, h, c]
 
 
-def loss_of(outs, seed):
-    """A fixed random projection of every output: each gets a gradient of its own."""
-    g = torch.Generator().manual_seed(seed)
-    return sum((o * torch.randn(o.shape, generator=g, dtype=F64).to(o.device, o.dtype)).sum() for o in outs)
-
-
 def step_loss(module, seed, requires_grad=False, steps=T):
     x, hx = make_inputs(module, seed, requires_grad, steps)
-    return loss_of(forward(module, x, hx), seed + 100), x, hx
+    return projection_loss(forward(module, x, hx), seed + 100), x, hx
 
 
 def layout(t):
@@ -378,7 +371,7 @@ def test_torch_func_grad_over_functional_call(case):
 
         def loss(params, x, m=m, hx=hx):
             call = lambda *args: torch.func.functional_call(m, params, args)  # noqa: E731
-            return loss_of(forward(m, x, hx, call), 100)
+            return projection_loss(forward(m, x, hx, call), 100)
 
         results[m] = torch.func.grad(loss, argnums=(0, 1))(params, x)
         assert all(p.grad is None for p in m.parameters())
@@ -398,7 +391,7 @@ def test_functional_call_under_autograd_leaves_the_module_as_it_was(case):
         x, hx = make_inputs(m, 0, steps=steps_of(case))
         params = {n: (p.detach().clone() * 1.5).requires_grad_() for n, p in m.named_parameters()}
         call = lambda *args, m=m, params=params: torch.func.functional_call(m, params, args)  # noqa: E731
-        loss_of(forward(m, x, hx, call), 100).backward()
+        projection_loss(forward(m, x, hx, call), 100).backward()
         grads[m] = [params[n].grad for n, _ in m.named_parameters()]
         assert all(p.grad is None for p in m.parameters())
         if not is_cell(m):
@@ -501,7 +494,7 @@ def test_activation_checkpointing_with_dropout(use_reentrant):
         torch.manual_seed(5)
         outs = torch.utils.checkpoint.checkpoint(lambda x, h, c: tuple(forward(m, x, (h, c))), x, *hx,
                                                  use_reentrant=use_reentrant)
-        loss_of(outs, 100).backward()
+        projection_loss(outs, 100).backward()
         leaf_grads[m] = [x.grad, hx[0].grad, hx[1].grad]
     assert_same_grads(ours, ref)
     for a, b in zip(leaf_grads[ours], leaf_grads[ref]):
@@ -533,7 +526,7 @@ def test_in_place_op_on_the_output_never_gives_wrong_grads(case):
         try:
             for o in outs:
                 o.relu_()
-            loss_of(outs, 100).backward()
+            projection_loss(outs, 100).backward()
         except RuntimeError as exc:
             assert "modified by an inplace operation" in str(exc), exc
             errors[m] = exc
