@@ -128,6 +128,21 @@ def test_cooperative_split_is_real():
     assert plan.grid(17, 33, 1) == (2, 9, 1) and plan.grid(17, 33, 1, backward=True) == (2, 3, 1)
 
 
+def test_cooperative_split_reduction_matches_reference():
+    """At HP ≥ 128 the cooperative forward splits its reduction over h into independent dots (K_SPLIT 2 or 4);
+    H = 130 (HP = 256: four dots of 64) against the float64 reference, outputs and every gradient."""
+    from lstm_triton.kernels.cooperative import k_split
+
+    assert k_split(plan_lstm(2, 130, torch.float64, path="cooperative").block_p) == 4
+    p = make_layer_problem(2, 2, 3, 130)
+    ref_outs, ref_grads, cot = run_with_grads(lstm_layer_reference, p)
+    outs, grads, _ = run_with_grads(lambda **a: lstm_layer(**a, path="cooperative"), p, cot)
+    for a, b in zip(outs, ref_outs):
+        assert rel_err(a, b) < 1e-12
+    for k in ref_grads:
+        assert rel_err(grads[k], ref_grads[k]) < 1e-12, k
+
+
 def test_cooperative_wait_is_bounded(monkeypatch):
     """A program that never sees the step it waits for turns the wait into an error instead of hanging: run
     step 1 without step 0 ever having published h. The outputs of the failed launch are NaN."""

@@ -409,8 +409,9 @@ def _bwd_launches(T: int):
 
 
 def k_split(block_k: int) -> int:
-    """Independent dots the forward splits its reduction over h into: as many as keep each ≥ 16 wide, up to 4."""
-    return 4 if block_k >= 64 else 2 if block_k >= 32 else 1
+    """Independent dots the forward splits its reduction over h into: where the dependency chain is long enough
+    to matter (HP ≥ 128), as many as keep each ≥ 64 wide, up to 4."""
+    return 4 if block_k >= 256 else 2 if block_k >= 128 else 1
 
 
 def _launch_options(plan: LSTMPlan, device: torch.device, backward: bool = False) -> dict:
