@@ -203,16 +203,17 @@ def _launch_problem(plan, mode, dtype, problem: dict, features: dict, tier1: boo
 
 
 def _feature_sets(plan, proj: bool) -> list[dict]:
-    """The launcher calls that compile every switch of this plan's kernels both ways: every switch on, and every
-    switch off, per launcher (and per saved / not saved forward, with / without bias of a fused step)."""
+    """The launcher calls that compile every switch of this plan's kernels both ways: every switch on; every
+    switch torch.nn.LSTM can ask for on (lengths, projection, saving) and the options beyond it off; every switch
+    off — per launcher (and per saved / not saved forward, with / without bias of a fused step)."""
     out = []
-    for on in (True, False):
-        options = dict(proj=proj, lengths=on, resets=on, mask=on)
+    for on, beyond in ((True, True), (True, False), (False, False)):  # all on; torch's contract only; all off
+        options = dict(proj=proj, lengths=on, resets=beyond, mask=beyond)
         if plan.fused_step:
             out += [dict(options, launcher="lstm_fwd", fused_input=True, bias=on, save=save) for save in (True, False)]
         else:
             out += [dict(options, launcher="lstm_fwd", save=save) for save in (True, False)]
-        out.append(dict(options, launcher="lstm_bwd", dcs=on))
+        out.append(dict(options, launcher="lstm_bwd", dcs=beyond))
     return out
 
 
@@ -365,7 +366,8 @@ def select(groups: dict[str, list[Launch]], target_name: str, scope: str) -> lis
     """Which specializations (keys of ``groups``) to compile.
 
     "smoke": per dtype mode, path and kernel, the largest tile the dispatcher picks by itself and the largest
-    one a caller can force, each with every switch on and with every switch off. "report": those and every
+    one a caller can force, each with every switch on, with torch's switches on and the options beyond torch
+    off, and with every switch off. "report": those and every
     tier-1 specialization (what the committed reports hold). "all": those; of the sweep's, per dtype mode, plan
     and kernel the one with the most switches on (the largest live state: the register and spill worst case
     of that tile); then greedily until every value of every constexpr (per mode, path and kernel) is
@@ -391,6 +393,8 @@ def select(groups: dict[str, list[Launch]], target_name: str, scope: str) -> lis
             biggest = [(k, launch) for k, launch in mine if _tile_size(launch.plan) == largest]
             chosen.add(max(biggest, key=lambda m: n_on(m[1]))[0])
             chosen.add(min(biggest, key=lambda m: n_on(m[1]))[0])
+            torch_only = [m for m in biggest if not any(m[1].features.get(k) for k in ("resets", "mask", "dcs"))]
+            chosen.add(max(torch_only, key=lambda m: n_on(m[1]))[0])
     chosen |= {k for k, ls in groups.items() if any(launch.tier1 for launch in ls) and scope != "smoke"}
     if scope in ("smoke", "report"):
         return sorted(chosen)

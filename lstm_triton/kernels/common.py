@@ -121,8 +121,10 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if acc.dtype == tl.float64:
         # float64 (a dtype for checking, not for speed) on the FMA units: triton 3.6 cannot lower some float64
         # tensor-core dots whose operand went through a select ("fp64 don't support largeK MMA").
-        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        out = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+    return out
 
 
 @triton.jit

@@ -116,6 +116,8 @@ def persistent_fits(H: int, dtype: torch.dtype, proj_size: int = 0) -> bool:
 def cooperative_tile_fits(H: int, block_h: int, dtype: torch.dtype, backward: bool = False) -> bool:
     """A program's on-chip W_hh slice (4·block_h × HP elements) within the budget."""
     budget = COOPERATIVE_MAX_TILE_BYTES_BWD if backward else COOPERATIVE_MAX_TILE_BYTES
+    if element_size(dtype) > 2:
+        budget //= 2  # float32 (tf32) slices at HP = 512 spill a few dozen bytes on sm_80 (triton 3.6): half
     return 4 * block_h * padded(H) * element_size(dtype) <= budget
 
 
