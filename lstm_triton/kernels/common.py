@@ -128,20 +128,25 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def unit_tile(pid_b, pid_h, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The tile a program owns: batch rows ``rb`` and hidden units ``rh``; for its interleaved gate columns
-    (register column 4j + k) the gate-blocked memory column ``col_g`` = k·H + unit; the masks of rows (mb),
-    of gate columns that exist (m_col), of [rows, units] (m_h) and of [rows, gate columns] (m_g)."""
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+def program_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The tile this program owns, from its grid position (batch tile, hidden-unit tile, direction d): batch rows
+    ``rb`` and hidden units ``rh``; for its interleaved gate columns (register column 4j + k) the gate-blocked
+    memory column ``col_g`` = k·H + unit; the masks of rows (mb), of gate columns that exist (m_col), of
+    [rows, units] (m_h) and of [rows, gate columns] (m_g); the in-step offsets of [rows, units] in a [B, H]
+    tensor (off_h) and of [rows, gate columns] in a [B, 4H] one (off_g)."""
+    d = tl.program_id(2)
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     rg = tl.arange(0, 4 * BLOCK_H)
-    unit_g = pid_h * BLOCK_H + rg // 4
+    unit_g = tl.program_id(1) * BLOCK_H + rg // 4
     col_g = (rg % 4) * H + unit_g
     mb = rb < B
     m_col = unit_g < H
     m_h = mb[:, None] & (rh < H)[None, :]
     m_g = mb[:, None] & m_col[None, :]
-    return rb, rh, col_g, mb, m_col, m_h, m_g
+    off_h = rb[:, None] * H + rh[None, :]
+    off_g = rb[:, None] * (4 * H) + col_g[None, :]
+    return d, rb, rh, col_g, mb, m_col, m_h, m_g, off_h, off_g
 
 
 @triton.jit
@@ -178,6 +183,26 @@ def starts_segment(reset_ptr, d, stride_rd, s, B, rb, mb, lens, HAS_RESETS: tl.c
     else:
         restart = tl.zeros(rb.shape, tl.int1)
     return restart[:, None]
+
+
+@triton.jit
+def saved_step(gates_ptr, cs_ptr, dcs_ptr, reset_ptr, dc, valid, d, s, B, stride_gd, stride_gt, stride_cd, stride_ct,
+               stride_dcd, stride_dct, stride_rd, rb, mb, lens, off_g, off_h, m_g, m_h,
+               HAS_DCS: tl.constexpr, HAS_RESETS: tl.constexpr):
+    """What BPTT through step s reads of the forward's saved state (gates [D, T, B, 4H], cs [D, T+1, B, H]): the
+    activated gates, c_s and c_{s-1} — c0 = cs[d, 0] where step s starts a segment — and dc plus the gradient
+    reaching the returned cell state c_s (dcs [D, T, B, H]). Returns (dc, act, c, c_prev, restart)."""
+    acc_ty = cs_ptr.dtype.element_ty
+    if HAS_DCS:
+        dc += tl.where(valid, tl.load(at(dcs_ptr, d, stride_dcd, s, stride_dct) + off_h, mask=m_h,
+                                      other=0.0).to(acc_ty), 0.0)
+    act = tl.load(at(gates_ptr, d, stride_gd, s, stride_gt) + off_g, mask=m_g, other=0.0).to(acc_ty)
+    c = tl.load(at(cs_ptr, d, stride_cd, s + 1, stride_ct) + off_h, mask=m_h, other=0.0)
+    c_prev = tl.load(at(cs_ptr, d, stride_cd, s, stride_ct) + off_h, mask=m_h, other=0.0)
+    restart = starts_segment(reset_ptr, d, stride_rd, s, B, rb, mb, lens, HAS_RESETS)
+    if HAS_RESETS:
+        c_prev = tl.where(restart, tl.load(in_direction(cs_ptr, d, stride_cd) + off_h, mask=m_h, other=0.0), c_prev)
+    return dc, act, c, c_prev, restart
 
 
 @triton.jit

@@ -54,8 +54,8 @@ import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
 from .buffers import PerDirection, absent, new_output, or_absent
-from .common import at, cell_backward, cell_forward, dropout_mask, in_direction, mma, sequence_lengths, \
-    starts_segment, unit_tile
+from .common import (at, cell_backward, cell_forward, dropout_mask, in_direction, mma, program_tile, saved_step,
+                     sequence_lengths, starts_segment)
 from .dispatch import LSTMPlan, accumulation_dtype, interpreter_active, saved_gates_dtype
 
 TIMEOUT_ENV = "LSTM_TRITON_WAIT_TIMEOUT_MS"
@@ -108,14 +108,9 @@ def _cooperative_fwd_kernel(
     # instead of one of HP/16: the step's dot latency is divided by K_SPLIT where the chain was the limit.
     acc_ty = c_st_ptr.dtype.element_ty
     G = 4 * H
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    d = tl.program_id(2)
     NH = tl.num_programs(1)
     ND = tl.num_programs(2)
-    rb, rh, col_g, mb, m_col, m_h, m_g = unit_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
-    off_h = rb[:, None] * H + rh[None, :]
-    off_g = rb[:, None] * G + col_g[None, :]
+    d, rb, rh, col_g, mb, m_col, m_h, m_g, off_h, off_g = program_tile(B, H, BLOCK_B, BLOCK_H)
     lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
 
     # This program's W_hhᵀ columns [BLOCK_K, 4·BLOCK_H] in K_SPLIT row chunks, on chip for every step.
@@ -133,7 +128,7 @@ def _cooperative_fwd_kernel(
         h0 = tl.load(h0_ptr + d * B * H + off_h, mask=m_h, other=0.0)
         c0 = tl.load(c0_ptr + d * B * H + off_h, mask=m_h, other=0.0)
     keep = dropout_mask(mask_ptr, d, B * H, rh, m_h, rb, H, acc_ty, HAS_MASK)
-    counter = sync_ptr + d * tl.num_programs(0) + pid_b
+    counter = sync_ptr + d * tl.num_programs(0) + tl.program_id(0)  # this batch tile's step counter
     ok = tl.load(status_ptr) == 0
     s = s_begin
     while s < s_end:
@@ -237,14 +232,9 @@ def _cooperative_bwd_kernel(
     # step s_hi-1; dh0_st, dc0_st [D, B, H] what reached the initial state at segment starts so far.
     acc_ty = dc_st_ptr.dtype.element_ty
     G = 4 * H
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    d = tl.program_id(2)
     NH = tl.num_programs(1)
-    rb, rh, col_g, mb, m_col, m_h, m_g = unit_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
-    off_h = rb[:, None] * H + rh[None, :]
+    d, rb, rh, col_g, mb, m_col, m_h, m_g, off_h, off_g = program_tile(B, H, BLOCK_B, BLOCK_H)
     off_hd = d * B * H + off_h
-    off_g = rb[:, None] * G + col_g[None, :]
     rk = tl.arange(0, BLOCK_K)
     lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
 
@@ -257,23 +247,19 @@ def _cooperative_bwd_kernel(
     dh = tl.load(dh_st_ptr + off_hd, mask=m_h, other=0.0)
     dc = tl.load(dc_st_ptr + off_hd, mask=m_h, other=0.0)
     if HAS_RESETS:
-        c0 = tl.load(in_direction(cs_ptr, d, stride_cd) + off_h, mask=m_h, other=0.0)
         dh0 = tl.load(dh0_st_ptr + off_hd, mask=m_h, other=0.0)
         dc0 = tl.load(dc0_st_ptr + off_hd, mask=m_h, other=0.0)
     keep = dropout_mask(mask_ptr, d, B * H, rh, m_h, rb, H, acc_ty, HAS_MASK)
-    counter = sync_ptr + d * tl.num_programs(0) + pid_b
+    counter = sync_ptr + d * tl.num_programs(0) + tl.program_id(0)  # this batch tile's step counter
     ok = tl.load(status_ptr) == 0
     s = s_hi - 1
     while s >= s_lo:
         valid = (s < lens)[:, None]
         # This step's own operands first; then the exchange.
         dy = tl.load(at(dy_ptr, d, stride_yd, s, stride_yt) + off_h, mask=m_h, other=0.0).to(acc_ty)
-        act = tl.load(at(gates_ptr, d, stride_gd, s, stride_gt) + off_g, mask=m_g, other=0.0).to(acc_ty)
-        c = tl.load(at(cs_ptr, d, stride_cd, s + 1, stride_ct) + off_h, mask=m_h, other=0.0)
-        c_prev = tl.load(at(cs_ptr, d, stride_cd, s, stride_ct) + off_h, mask=m_h, other=0.0)
-        if HAS_DCS:
-            dc += tl.where(valid, tl.load(at(dcs_ptr, d, stride_dcd, s, stride_dct) + off_h, mask=m_h,
-                                          other=0.0).to(acc_ty), 0.0)
+        dc, act, c, c_prev, restart = saved_step(gates_ptr, cs_ptr, dcs_ptr, reset_ptr, dc, valid, d, s, B, stride_gd, stride_gt, stride_cd,
+                                            stride_ct, stride_dcd, stride_dct, stride_rd, rb, mb, lens, off_g, off_h,
+                                            m_g, m_h, HAS_DCS, HAS_RESETS)
         if s + 1 < T:
             ok = _wait_for(counter, (T - 1 - s) * NH, timeout, ok, GLOBALTIMER)  # all published step s+1
             rec = _dh_from_dgates(at(dgates_ptr, d, stride_gd, s + 1, stride_gt), rb, mb, rk, H, w_i, w_f, w_g, w_o,
@@ -285,9 +271,6 @@ def _cooperative_bwd_kernel(
                 rec = tl.where(restart_next, 0.0, rec)
             dh = tl.where((s + 1 < lens)[:, None], rec, dh)  # a sequence that had ended passes dh through
         dh = dh + tl.where(valid, dy, 0.0)
-        if HAS_RESETS:
-            restart = starts_segment(reset_ptr, d, stride_rd, s, B, rb, mb, lens, HAS_RESETS)
-            c_prev = tl.where(restart, c0, c_prev)
         dgates, dc_prev = cell_backward(dh, dc, act, c, c_prev, BLOCK_B, BLOCK_H)
         dgates = tl.where(valid & ok, dgates, tl.where(ok, 0.0, float("nan")))
         tl.store(at(dgates_ptr, d, stride_gd, s, stride_gt) + off_g, dgates.to(dgates_ptr.dtype.element_ty),

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .buffers import PerDirection, absent, new_output, or_absent
-from .common import (at, cell_backward, cell_forward, dropout_mask, in_direction, mma, sequence_lengths,
-                     starts_segment, unit_tile)
+from .common import (at, cell_backward, cell_forward, dropout_mask, in_direction, mma, program_tile, saved_step,
+                     sequence_lengths, starts_segment)
 from .dispatch import LSTMPlan, accumulation_dtype, saved_gates_dtype
 
 
@@ -46,14 +46,10 @@ def _persistent_fwd_kernel(
 ):
     acc_ty = c0_ptr.dtype.element_ty
     G = 4 * H
-    pid = tl.program_id(0)
-    d = tl.program_id(2)
-    rb, rh, col_g, mb, m_col, m_h, m_g = unit_tile(pid, 0, B, H, BLOCK_B, BLOCK_H)
+    d, rb, rh, col_g, mb, m_col, m_h, m_g, off_h, off_g = program_tile(B, H, BLOCK_B, BLOCK_H)
     rp = tl.arange(0, BLOCK_P)
     m_p = mb[:, None] & (rp < P)[None, :]
     off_p = rb[:, None] * P + rp[None, :]
-    off_h = rb[:, None] * H + rh[None, :]
-    off_g = rb[:, None] * G + col_g[None, :]
 
     # W_hhᵀ [BLOCK_P, 4·BLOCK_H] (and W_hrᵀ [BLOCK_H, BLOCK_P]) read once, reused by every step. Padded units
     # get zero weights and zero pre-activations, so their c stays 0 and h = σ(0)·tanh(0) = 0.
@@ -123,14 +119,10 @@ def _persistent_bwd_kernel(
 ):
     acc_ty = dh0_ptr.dtype.element_ty
     G = 4 * H
-    pid = tl.program_id(0)
-    d = tl.program_id(2)
-    rb, rh, col_g, mb, m_col, m_h, m_g = unit_tile(pid, 0, B, H, BLOCK_B, BLOCK_H)
+    d, rb, rh, col_g, mb, m_col, m_h, m_g, off_h, off_g = program_tile(B, H, BLOCK_B, BLOCK_H)
     rp = tl.arange(0, BLOCK_P)
     m_p = mb[:, None] & (rp < P)[None, :]
     off_p = rb[:, None] * P + rp[None, :]
-    off_h = rb[:, None] * H + rh[None, :]
-    off_g = rb[:, None] * G + col_g[None, :]
 
     # W_hh [4·BLOCK_H, BLOCK_P] (and W_hr [BLOCK_P, BLOCK_H]) read once for all T steps.
     w = tl.load(in_direction(w_hh_ptr, d, w_hh_dir) + col_g[:, None] * P + rp[None, :],
@@ -144,7 +136,6 @@ def _persistent_bwd_kernel(
     lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
     tile_len = tl.max(lens, axis=0)
     if HAS_RESETS:
-        c0 = tl.load(in_direction(cs_ptr, d, stride_cd) + off_h, mask=m_h, other=0.0)
         dh0 = tl.zeros((BLOCK_B, BLOCK_P), acc_ty)
         dc0 = tl.zeros((BLOCK_B, BLOCK_H), acc_ty)
 
@@ -166,15 +157,9 @@ def _persistent_bwd_kernel(
             dm = mma(dh.to(w.dtype), wr, tl.zeros((BLOCK_B, BLOCK_H), acc_ty), DOT_PRECISION, UPCAST_DOT)
         else:
             dm = dh
-        if HAS_DCS:
-            dc = dc + tl.where(valid, tl.load(at(dcs_ptr, d, stride_dcd, s, stride_dct) + off_h, mask=m_h,
-                                              other=0.0).to(acc_ty), 0.0)
-        act = tl.load(at(gates_ptr, d, stride_gd, s, stride_gt) + off_g, mask=m_g, other=0.0).to(acc_ty)
-        c = tl.load(at(cs_ptr, d, stride_cd, s + 1, stride_ct) + off_h, mask=m_h, other=0.0)
-        c_prev = tl.load(at(cs_ptr, d, stride_cd, s, stride_ct) + off_h, mask=m_h, other=0.0)
-        if HAS_RESETS:
-            restart = starts_segment(reset_ptr, d, stride_rd, s, B, rb, mb, lens, HAS_RESETS)
-            c_prev = tl.where(restart, c0, c_prev)
+        dc, act, c, c_prev, restart = saved_step(gates_ptr, cs_ptr, dcs_ptr, reset_ptr, dc, valid, d, s, B, stride_gd, stride_gt, stride_cd,
+                                            stride_ct, stride_dcd, stride_dct, stride_rd, rb, mb, lens, off_g, off_h,
+                                            m_g, m_h, HAS_DCS, HAS_RESETS)
         dgates, dc_prev = cell_backward(dm, dc, act, c, c_prev, BLOCK_B, BLOCK_H)
         dgates = tl.where(valid, dgates, 0.0).to(dgates_ptr.dtype.element_ty)
         tl.store(at(dgates_ptr, d, stride_gd, s, stride_gt) + off_g, dgates, mask=m_g)

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .buffers import PerDirection, absent, new_output, or_absent
-from .common import (add_rows_times_wt, at, cell_backward, cell_forward, in_direction, mma, sequence_lengths,
-                     starts_segment, unit_tile)
+from .common import (add_rows_times_wt, at, cell_backward, cell_forward, in_direction, mma, program_tile,
+                     saved_step, sequence_lengths, starts_segment)
 from .dispatch import LSTMPlan, accumulation_dtype, saved_gates_dtype
 
 
@@ -40,11 +40,7 @@ def _stepwise_fwd_kernel(
     # (step stride 0) and the launcher finishes h_t = m·W_hrᵀ.
     acc_ty = c_ptr.dtype.element_ty
     G = 4 * H
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    d = tl.program_id(2)
-    rb, rh, col_g, mb, m_col, m_h, m_g = unit_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
-    off_h = rb[:, None] * H + rh[None, :]
+    d, rb, rh, col_g, mb, m_col, m_h, m_g, off_h, off_g = program_tile(B, H, BLOCK_B, BLOCK_H)
     lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
     valid = (s < lens)[:, None]
     restart = starts_segment(reset_ptr, d, stride_rd, s, B, rb, mb, lens, HAS_RESETS)
@@ -56,7 +52,7 @@ def _stepwise_fwd_kernel(
         pre = add_rows_times_wt(pre, in_direction(x_ptr, d, B * I), in_direction(w_ih_ptr, d, w_ih_dir), I, rb, mb,
                                 col_g, m_col, BLOCK_K, DOT_PRECISION, UPCAST_DOT, x_ptr, restart, x_ptr, False, False)
     else:
-        pre = tl.load(at(gx_ptr, d, stride_gd, s, stride_gt) + rb[:, None] * G + col_g[None, :], mask=m_g,
+        pre = tl.load(at(gx_ptr, d, stride_gd, s, stride_gt) + off_g, mask=m_g,
                       other=0.0).to(acc_ty)
     h_prev_ptr = at(h_ptr, d, stride_hd, h_read, stride_ht)
     pre = add_rows_times_wt(pre, h_prev_ptr, in_direction(w_hh_ptr, d, w_hh_dir), P, rb, mb, col_g, m_col, BLOCK_K,
@@ -69,7 +65,7 @@ def _stepwise_fwd_kernel(
     act, c, h = cell_forward(pre, c_prev, BLOCK_B, BLOCK_H)
     tl.store(at(c_ptr, d, stride_cd, c_write, stride_ct) + off_h, tl.where(valid, c, c_prev), mask=m_h)
     if SAVE:
-        tl.store(at(gates_ptr, d, stride_gd, s, stride_gt) + rb[:, None] * G + col_g[None, :],
+        tl.store(at(gates_ptr, d, stride_gd, s, stride_gt) + off_g,
                  tl.where(valid, act, 0.0).to(gates_ptr.dtype.element_ty), mask=m_g)
     if HAS_PROJ:
         tl.store(at(out_ptr, d, stride_od, s, stride_ot) + off_h, h.to(out_ptr.dtype.element_ty), mask=m_h)
@@ -78,6 +74,27 @@ def _stepwise_fwd_kernel(
         h_prev = tl.load(h_prev_ptr + off_h, mask=m_h, other=0.0)
         tl.store(at(h_ptr, d, stride_hd, h_write, stride_ht) + off_h, tl.where(valid, h, h_prev), mask=m_h)
         tl.store(at(out_ptr, d, stride_od, s, stride_ot) + off_h, tl.where(valid, h, 0.0), mask=m_h)
+
+
+@triton.jit
+def _recurrent_dh(dg_ptr, w_d, mask_d, rb, mb, rh, m_h, off_h, H, acc_ty: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """dgates[rb, :] · W_hh[:, rh] of one step's dgates [B, 4H], reduced over the 4H gate rows in BLOCK_K chunks,
+    times the dropout mask: the gradient reaching this program's units of h before that step."""
+    G = 4 * H
+    rec = tl.zeros((BLOCK_B, BLOCK_H), acc_ty)
+    k0 = 0
+    while k0 < G:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < G
+        dg_k = tl.load(dg_ptr + rb[:, None] * G + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        w_k = tl.load(w_d + rk[:, None] * H + rh[None, :], mask=mk[:, None] & (rh < H)[None, :], other=0.0)
+        rec = mma(dg_k.to(w_k.dtype), w_k, rec, DOT_PRECISION, UPCAST_DOT)
+        k0 += BLOCK_K
+    if HAS_MASK:
+        rec = rec * tl.load(mask_d + off_h, mask=m_h, other=0.0).to(acc_ty)
+    return rec
 
 
 @triton.jit
@@ -97,47 +114,23 @@ def _stepwise_bwd_kernel(
     # dh0 += dgates_0·W_hh (every sequence has a step 0, which always starts from h0).
     acc_ty = dc_ptr.dtype.element_ty
     G = 4 * H
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    d = tl.program_id(2)
-    rb, rh, col_g, mb, m_col, m_h, m_g = unit_tile(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
-    off_h = rb[:, None] * H + rh[None, :]
+    d, rb, rh, col_g, mb, m_col, m_h, m_g, off_h, off_g = program_tile(B, H, BLOCK_B, BLOCK_H)
     off_hd = d * B * H + off_h
     lens = sequence_lengths(len_ptr, rb, mb, T, HAS_LENGTHS)
     valid = (s < lens)[:, None]
 
     dh = tl.load(dh_ptr + off_hd, mask=m_h, other=0.0)
     if FINAL:
-        rec = tl.zeros((BLOCK_B, BLOCK_H), acc_ty)
-        w_d = in_direction(w_hh_ptr, d, w_hh_dir)
-        dg_first = in_direction(dgates_ptr, d, stride_gd)
-        k0 = 0
-        while k0 < G:
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mk = rk < G
-            dg_k = tl.load(dg_first + rb[:, None] * G + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-            w_k = tl.load(w_d + rk[:, None] * H + rh[None, :], mask=mk[:, None] & (rh < H)[None, :], other=0.0)
-            rec = mma(dg_k.to(w_k.dtype), w_k, rec, DOT_PRECISION, UPCAST_DOT)
-            k0 += BLOCK_K
-        if HAS_MASK:
-            rec = rec * tl.load(in_direction(mask_ptr, d, B * H) + off_h, mask=m_h, other=0.0).to(acc_ty)
+        rec = _recurrent_dh(in_direction(dgates_ptr, d, stride_gd), in_direction(w_hh_ptr, d, w_hh_dir),
+                            in_direction(mask_ptr, d, B * H), rb, mb, rh, m_h, off_h, H, acc_ty, BLOCK_B, BLOCK_H,
+                            BLOCK_K, HAS_MASK, DOT_PRECISION, UPCAST_DOT)
         tl.store(dh0_ptr + off_hd, tl.load(dh0_ptr + off_hd, mask=m_h, other=0.0) + rec, mask=m_h)
         return
     if FUSED_DH:
         if s + 1 < T:
-            rec = tl.zeros((BLOCK_B, BLOCK_H), acc_ty)
-            w_d = in_direction(w_hh_ptr, d, w_hh_dir)
-            dg_next = at(dgates_ptr, d, stride_gd, s + 1, stride_gt)
-            k0 = 0
-            while k0 < G:
-                rk = k0 + tl.arange(0, BLOCK_K)
-                mk = rk < G
-                dg_k = tl.load(dg_next + rb[:, None] * G + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-                w_k = tl.load(w_d + rk[:, None] * H + rh[None, :], mask=mk[:, None] & (rh < H)[None, :], other=0.0)
-                rec = mma(dg_k.to(w_k.dtype), w_k, rec, DOT_PRECISION, UPCAST_DOT)
-                k0 += BLOCK_K
-            if HAS_MASK:
-                rec = rec * tl.load(in_direction(mask_ptr, d, B * H) + off_h, mask=m_h, other=0.0).to(acc_ty)
+            rec = _recurrent_dh(at(dgates_ptr, d, stride_gd, s + 1, stride_gt), in_direction(w_hh_ptr, d, w_hh_dir),
+                                in_direction(mask_ptr, d, B * H), rb, mb, rh, m_h, off_h, H, acc_ty, BLOCK_B,
+                                BLOCK_H, BLOCK_K, HAS_MASK, DOT_PRECISION, UPCAST_DOT)
             if HAS_RESETS:
                 # Step s+1 started a segment from h0: its gradient goes there, and none crosses into step s.
                 restart_next = starts_segment(reset_ptr, d, stride_rd, s + 1, B, rb, mb, lens, HAS_RESETS)
@@ -150,16 +143,9 @@ def _stepwise_bwd_kernel(
                                       other=0.0).to(acc_ty), 0.0)
         tl.store(dh_ptr + off_hd, dh, mask=m_h)
     dc = tl.load(dc_ptr + off_hd, mask=m_h, other=0.0)
-    if HAS_DCS:
-        dc += tl.where(valid, tl.load(at(dcs_ptr, d, stride_dcd, s, stride_dct) + off_h, mask=m_h,
-                                      other=0.0).to(acc_ty), 0.0)
-    off_g = rb[:, None] * G + col_g[None, :]
-    act = tl.load(at(gates_ptr, d, stride_gd, s, stride_gt) + off_g, mask=m_g, other=0.0).to(acc_ty)
-    c = tl.load(at(cs_ptr, d, stride_cd, s + 1, stride_ct) + off_h, mask=m_h, other=0.0)
-    c_prev = tl.load(at(cs_ptr, d, stride_cd, s, stride_ct) + off_h, mask=m_h, other=0.0)
-    if HAS_RESETS:
-        restart = starts_segment(reset_ptr, d, stride_rd, s, B, rb, mb, lens, HAS_RESETS)
-        c_prev = tl.where(restart, tl.load(in_direction(cs_ptr, d, stride_cd) + off_h, mask=m_h, other=0.0), c_prev)
+    dc, act, c, c_prev, restart = saved_step(gates_ptr, cs_ptr, dcs_ptr, reset_ptr, dc, valid, d, s, B, stride_gd,
+                                             stride_gt, stride_cd, stride_ct, stride_dcd, stride_dct, stride_rd, rb, mb,
+                                             lens, off_g, off_h, m_g, m_h, HAS_DCS, HAS_RESETS)
     dgates, dc_prev = cell_backward(dh, dc, act, c, c_prev, BLOCK_B, BLOCK_H)
     tl.store(at(dgates_ptr, d, stride_gd, s, stride_gt) + off_g,
              tl.where(valid, dgates, 0.0).to(dgates_ptr.dtype.element_ty), mask=m_g)
