@@ -128,11 +128,15 @@ def test_cooperative_split_is_real():
     assert plan.grid(17, 33, 1) == (2, 9, 1) and plan.grid(17, 33, 1, backward=True) == (2, 3, 1)
 
 
-def test_cooperative_split_reduction_matches_reference():
+def test_cooperative_split_reduction_matches_reference(monkeypatch):
     """At HP ≥ 128 the cooperative forward splits its reduction over h into independent dots (K_SPLIT 2 or 4);
-    H = 130 (HP = 256: four dots of 64) against the float64 reference, outputs and every gradient."""
+    H = 130 (HP = 256: four dots of 64) against the float64 reference, outputs and every gradient. (A float64
+    W_hh slice of 16 units over HP = 256 is larger than the GPU budget, which the test widens: the budget is about
+    compiled registers, not about what this checks.)"""
+    from lstm_triton.kernels import dispatch
     from lstm_triton.kernels.cooperative import k_split
 
+    monkeypatch.setattr(dispatch, "COOPERATIVE_MAX_TILE_BYTES_BWD", 256 * 1024)
     assert k_split(plan_lstm(2, 130, torch.float64, path="cooperative").block_p) == 4
     p = make_layer_problem(2, 2, 3, 130)
     ref_outs, ref_grads, cot = run_with_grads(lstm_layer_reference, p)

@@ -108,19 +108,21 @@ def cell_backward(dh, dc, act, c, c_prev, BLOCK_B: tl.constexpr, BLOCK_H: tl.con
 
 
 @triton.jit
-def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a·b with the accumulator's dtype (float64: see below).
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr):
+    """acc + a·b with the accumulator's dtype, in the form the plan chose (``dispatch.dot_form``):
 
-    UPCAST is set only under the interpreter for bfloat16: triton's interpreter multiplies bfloat16 tiles
-    as their raw uint16 bits. Products of bfloat16 values are exact in float32, so the upcast computes what
-    the tensor cores compute (up to summation order).
+    "dot"     ``tl.dot`` (tensor cores; float32 with DOT_PRECISION "ieee" on the FMA units);
+    "upcast"  under the interpreter for bfloat16: triton's interpreter multiplies bfloat16 tiles as their raw
+              uint16 bits; products of bfloat16 values are exact in float32, so the upcast computes what the
+              tensor cores compute (up to summation order);
+    "fma"     compiled float64 (a dtype for checking, not for speed): products summed on the FMA units, since
+              triton 3.6 cannot lower some float64 tensor-core dots whose operand went through a select
+              ("fp64 don't support largeK MMA").
     """
-    if UPCAST:
+    if DOT_FORM == "upcast":
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if acc.dtype == tl.float64:
-        # float64 (a dtype for checking, not for speed) on the FMA units: triton 3.6 cannot lower some float64
-        # tensor-core dots whose operand went through a select ("fp64 don't support largeK MMA").
+    if DOT_FORM == "fma":
         out = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
         out = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
@@ -220,7 +222,7 @@ def dropout_mask(mask_ptr, d, stride_md, cols, m_rows_cols, rb, K, acc_ty, HAS_M
 
 @triton.jit
 def add_rows_times_wt(pre, a_ptr, w_ptr, K, rb, mb, col_g, m_col, BLOCK_K: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr,
                       h0_ptr, restart, mask_ptr, HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr):
     """pre + a'[rb, :K] · w[col_g, :K]ᵀ, reduced over K in BLOCK_K chunks (a [*, K] and w [G, K] row-major).
 
@@ -239,6 +241,6 @@ def add_rows_times_wt(pre, a_ptr, w_ptr, K, rb, mb, col_g, m_col, BLOCK_K: tl.co
             a_k = (a_k.to(pre.dtype) * tl.load(mask_ptr + rb[:, None] * K + rk[None, :], mask=m_a, other=0.0)
                    .to(pre.dtype)).to(a_ptr.dtype.element_ty)
         w_k = tl.load(w_ptr + col_g[None, :] * K + rk[:, None], mask=mk[:, None] & m_col[None, :], other=0.0)
-        pre = mma(a_k, w_k, pre, DOT_PRECISION, UPCAST_DOT)
+        pre = mma(a_k, w_k, pre, DOT_PRECISION, DOT_FORM)
         k0 += BLOCK_K
     return pre

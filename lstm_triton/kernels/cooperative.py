@@ -99,7 +99,7 @@ def _cooperative_fwd_kernel(
     s_begin, s_end, timeout,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GLOBALTIMER: tl.constexpr, K_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr, GLOBALTIMER: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
     # Steps [s_begin, s_end). hx [2, D, B, H]: slot s mod 2 holds the operand of step s's dot; h_st, c_st
     # [D, B, H] carry the program's own state between launches (interpreter) and hold it at the end.
@@ -139,13 +139,13 @@ def _cooperative_fwd_kernel(
             c = tl.where(starts_segment(reset_ptr, d, stride_rd, s, B, rb, mb, lens, HAS_RESETS), c0, c)
         ok = _wait_for(counter, s * NH, timeout, ok, GLOBALTIMER)  # every program published step s-1
         hx_s = in_direction(hx_ptr, (s % 2) * ND + d, B * H)
-        pre = mma(_h_cols(hx_s, rb, mb, H, 0, KC), w_0, pre, DOT_PRECISION, UPCAST_DOT)
+        pre = mma(_h_cols(hx_s, rb, mb, H, 0, KC), w_0, pre, DOT_PRECISION, DOT_FORM)
         if K_SPLIT >= 2:
             zero = tl.zeros((BLOCK_B, 4 * BLOCK_H), acc_ty)
-            pre += mma(_h_cols(hx_s, rb, mb, H, KC, KC), w_1, zero, DOT_PRECISION, UPCAST_DOT)
+            pre += mma(_h_cols(hx_s, rb, mb, H, KC, KC), w_1, zero, DOT_PRECISION, DOT_FORM)
         if K_SPLIT >= 4:
-            part_2 = mma(_h_cols(hx_s, rb, mb, H, 2 * KC, KC), w_2, zero, DOT_PRECISION, UPCAST_DOT)
-            pre += part_2 + mma(_h_cols(hx_s, rb, mb, H, 3 * KC, KC), w_3, zero, DOT_PRECISION, UPCAST_DOT)
+            part_2 = mma(_h_cols(hx_s, rb, mb, H, 2 * KC, KC), w_2, zero, DOT_PRECISION, DOT_FORM)
+            pre += part_2 + mma(_h_cols(hx_s, rb, mb, H, 3 * KC, KC), w_3, zero, DOT_PRECISION, DOT_FORM)
         pre = tl.where(m_col[None, :], pre, 0.0)  # padded columns stay 0 even for h = ±inf (see persistent.py)
         act, c_new, h_new = cell_forward(pre, c, BLOCK_B, BLOCK_H)
         h_new = h_new.to(y_ptr.dtype.element_ty)
@@ -204,16 +204,16 @@ def _gate_columns(w_d, k, H, rk, rh, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _dh_from_dgates(dg_ptr, rb, mb, rk, H, w_i, w_f, w_g, w_o, zero,
-                    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr):
     """dgates[rb, :]·W_hh[:, own units] for one step's dgates [B, 4H] (gate-blocked; ``.cg``: from L2), as four
     independent gate dots (four accumulator chains, not one of four times the length), summed at the end.
     ``zero``: a zero accumulator tile."""
     m = mb[:, None] & (rk < H)[None, :]
     row = dg_ptr + rb[:, None] * (4 * H) + rk[None, :]
-    d_i = mma(tl.load(row, mask=m, other=0.0, cache_modifier=".cg"), w_i, zero, DOT_PRECISION, UPCAST_DOT)
-    d_f = mma(tl.load(row + H, mask=m, other=0.0, cache_modifier=".cg"), w_f, zero, DOT_PRECISION, UPCAST_DOT)
-    d_g = mma(tl.load(row + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), w_g, zero, DOT_PRECISION, UPCAST_DOT)
-    d_o = mma(tl.load(row + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), w_o, zero, DOT_PRECISION, UPCAST_DOT)
+    d_i = mma(tl.load(row, mask=m, other=0.0, cache_modifier=".cg"), w_i, zero, DOT_PRECISION, DOT_FORM)
+    d_f = mma(tl.load(row + H, mask=m, other=0.0, cache_modifier=".cg"), w_f, zero, DOT_PRECISION, DOT_FORM)
+    d_g = mma(tl.load(row + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), w_g, zero, DOT_PRECISION, DOT_FORM)
+    d_o = mma(tl.load(row + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), w_o, zero, DOT_PRECISION, DOT_FORM)
     return (d_i + d_f) + (d_g + d_o)
 
 
@@ -226,7 +226,7 @@ def _cooperative_bwd_kernel(
     w_hh_dir, s_hi, s_lo, finalize, timeout,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DCS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, GLOBALTIMER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr, GLOBALTIMER: tl.constexpr,
 ):
     # Steps s_hi-1 down to s_lo, then (if finalize) dh0 and dc0. dh_st, dc_st [D, B, H] carry dh and dc into
     # step s_hi-1; dh0_st, dc0_st [D, B, H] what reached the initial state at segment starts so far.
@@ -263,7 +263,7 @@ def _cooperative_bwd_kernel(
         if s + 1 < T:
             ok = _wait_for(counter, (T - 1 - s) * NH, timeout, ok, GLOBALTIMER)  # all published step s+1
             rec = _dh_from_dgates(at(dgates_ptr, d, stride_gd, s + 1, stride_gt), rb, mb, rk, H, w_i, w_f, w_g, w_o,
-                                  tl.zeros((BLOCK_B, BLOCK_H), acc_ty), DOT_PRECISION, UPCAST_DOT) * keep
+                                  tl.zeros((BLOCK_B, BLOCK_H), acc_ty), DOT_PRECISION, DOT_FORM) * keep
             if HAS_RESETS:
                 # Step s+1 started a segment from h0: its gradient goes there, and none crosses into step s.
                 restart_next = starts_segment(reset_ptr, d, stride_rd, s + 1, B, rb, mb, lens, HAS_RESETS)
@@ -290,7 +290,7 @@ def _cooperative_bwd_kernel(
         # Step 0 always starts from h0/c0 (every sequence has a step 0).
         ok = _wait_for(counter, T * NH, timeout, ok, GLOBALTIMER)
         dh_first = _dh_from_dgates(in_direction(dgates_ptr, d, stride_gd), rb, mb, rk, H, w_i, w_f, w_g, w_o,
-                                   tl.zeros((BLOCK_B, BLOCK_H), acc_ty), DOT_PRECISION, UPCAST_DOT) * keep
+                                   tl.zeros((BLOCK_B, BLOCK_H), acc_ty), DOT_PRECISION, DOT_FORM) * keep
         dc_first = dc
         if HAS_RESETS:
             dh_first += dh0
@@ -433,7 +433,7 @@ def forward(plan: LSTMPlan, gx, w_hh: PerDirection, w_hr, h0, c0, lengths, reset
             cs_arg.stride(1) if save else 0, 0 if resets is None else resets.stride(0), w_hh.stride)
     options = dict(BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_p, HAS_LENGTHS=lengths is not None,
                    HAS_RESETS=resets is not None, HAS_MASK=mask is not None, SAVE=save,
-                   DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot, GLOBALTIMER=clock,
+                   DOT_PRECISION=plan.dot_precision, DOT_FORM=plan.dot_form, GLOBALTIMER=clock,
                    K_SPLIT=k_split(plan.block_p), **_launch_options(plan, dev))
     for s_begin, s_end in _step_ranges(T):
         _cooperative_fwd_kernel[plan.grid(B, H, D)](*args, s_begin, s_end, timeout, **options)
@@ -465,7 +465,7 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
             0 if resets is None else resets.stride(0), w_hh.stride)
     options = dict(BLOCK_B=plan.block_b, BLOCK_H=plan.block_h_bwd, BLOCK_K=plan.block_p,
                    HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, HAS_MASK=mask is not None,
-                   HAS_DCS=dcs is not None, DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
+                   HAS_DCS=dcs is not None, DOT_PRECISION=plan.dot_precision, DOT_FORM=plan.dot_form,
                    GLOBALTIMER=clock, **_launch_options(plan, dev, backward=True))
     for s_lo, s_hi, finalize in _bwd_launches(T):
         _cooperative_bwd_kernel[plan.grid(B, H, D, backward=True)](*args, s_hi, s_lo, int(finalize), timeout, **options)
@@ -507,7 +507,7 @@ def _compiled_kernels(plan: LSTMPlan, dtype: torch.dtype, dev: torch.device, B: 
     i32 = absent(dev)
     timeout, clock = _timeout(dev)
     common = dict(BLOCK_B=plan.block_b, BLOCK_K=plan.block_p, HAS_LENGTHS=False, HAS_RESETS=False,
-                  HAS_MASK=False, DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
+                  HAS_MASK=False, DOT_PRECISION=plan.dot_precision, DOT_FORM=plan.dot_form,
                   GLOBALTIMER=clock, grid=(1,))
     gx, hb, cb, cs = t(1, T, B, G), t(1, B, H), t(1, B, H, dt=acc), t(1, T + 1, B, H, dt=acc)
     fwd = _cooperative_fwd_kernel.warmup(

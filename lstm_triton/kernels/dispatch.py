@@ -41,6 +41,10 @@ COOPERATIVE_MAX_OPERAND_BYTES = 32 * 1024
 INT32_MAX = 2**31 - 1
 
 
+class PathUnavailable(ValueError):
+    """A forced path cannot run this problem here (its tile, projection or residency): raised before any launch."""
+
+
 def interpreter_active() -> bool:
     """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``): the one place that reads the variable."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -81,7 +85,7 @@ class LSTMPlan:
     num_warps: int
     num_warps_bwd: int
     dot_precision: str  # "ieee" | "tf32"
-    upcast_dot: bool  # bfloat16 under the interpreter: see common.mma
+    dot_form: str  # "dot" | "upcast" | "fma": see dot_form() and common.mma
     fused_step: bool = False  # one step whose stepwise kernel also computes x·W_ihᵀ + b (LSTMCell)
 
     def encode(self) -> str:
@@ -180,6 +184,14 @@ def check_offset_limits(B: int, H: int, P: int, I: int = 0) -> None:
             )
 
 
+def dot_form(dtype: torch.dtype) -> str:
+    """How the kernels multiply tiles (``common.mma``): "upcast" for bfloat16 under the interpreter, "fma" for
+    compiled float64, else "dot"."""
+    if interpreter_active():
+        return "upcast" if dtype == torch.bfloat16 else "dot"
+    return "fma" if dtype == torch.float64 else "dot"
+
+
 def tf32_supported(backend: str, arch) -> bool:
     """Whether ``tl.dot`` has TF32 on the target: NVIDIA from sm_80; AMD on CDNA3 (gfx94x, as xf32), not CDNA2."""
     if backend == "cuda":
@@ -240,8 +252,7 @@ def plan_lstm(
     """
     if path not in ("auto", *PATHS):
         raise ValueError(f"unknown LSTM kernel path {path!r}; expected 'auto' or one of {PATHS}")
-    base = dict(dot_precision=dot_precision(dtype, allow_tf32, device),
-                upcast_dot=dtype == torch.bfloat16 and interpreter_active())
+    base = dict(dot_precision=dot_precision(dtype, allow_tf32, device), dot_form=dot_form(dtype))
     if resident_programs:
         capacity = lambda plan: resident_programs  # noqa: E731
     elif device is not None and torch.device(device).type == "cuda" and not interpreter_active():
@@ -265,9 +276,12 @@ def plan_lstm(
             path = "stepwise"
     if path == "persistent":
         HP, PP = padded(H), padded(proj_size or H)
-        if max(HP, PP) > PERSISTENT_FORCED_MAX:
-            raise ValueError(f"the persistent LSTM path holds every unit's weights in one program: it takes H and "
-                             f"proj_size up to {PERSISTENT_FORCED_MAX}, got H={H}, proj_size={proj_size}")
+        # Compiled float64 forms its products on the FMA units ([16, K, N] per dot): beyond the caps its tiles
+        # would not compile in reasonable time and memory; the interpreter takes any forced tile.
+        forced_max = PERSISTENT_FORCED_MAX if base["dot_form"] != "fma" else PERSISTENT_MAX_HP
+        if max(HP, PP) > forced_max:
+            raise PathUnavailable(f"the persistent LSTM path holds every unit's weights in one program: it takes H and "
+                             f"proj_size up to {forced_max} here, got H={H}, proj_size={proj_size}")
         warps = 4 if HP <= 32 else 8
         return LSTMPlan("persistent", 16, HP, HP, PP, PP, warps, warps, **base)
     if path == "cooperative":
@@ -276,7 +290,7 @@ def plan_lstm(
         known = capacity is not _no_capacity
         plan = None if proj_size else _cooperative_tiles(B, H, directions, dtype, capacity if known else None, base)
         if plan is None:
-            raise ValueError(
+            raise PathUnavailable(
                 "the cooperative LSTM path cannot run this problem: it takes no projection, needs the W_hh slice "
                 f"of 16 units within {COOPERATIVE_MAX_TILE_BYTES} bytes on chip"
                 + (", and all of its programs resident at once on the device" if known else "")

@@ -42,7 +42,7 @@ def _persistent_fwd_kernel(
     T, B, H, P, stride_gd, stride_gt, stride_yd, stride_yt, stride_cd, stride_ct, stride_rd, w_hh_dir, w_hr_dir,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr,
-    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr,
 ):
     acc_ty = c0_ptr.dtype.element_ty
     G = 4 * H
@@ -77,13 +77,13 @@ def _persistent_fwd_kernel(
         h_in = h
         if HAS_MASK:
             h_in = (h.to(acc_ty) * keep).to(h.dtype)
-        pre = mma(h_in, w_t, pre, DOT_PRECISION, UPCAST_DOT)
+        pre = mma(h_in, w_t, pre, DOT_PRECISION, DOT_FORM)
         # Padded gate columns must stay exactly 0 even when h holds ±inf (inf·0 would make them NaN, and a
         # NaN in a padded unit would flow into every unit through the next step's dot).
         pre = tl.where(m_col[None, :], pre, 0.0)
         act, c_new, h_new = cell_forward(pre, c, BLOCK_B, BLOCK_H)
         if HAS_PROJ:
-            h_new = mma(h_new.to(w_t.dtype), wr_t, tl.zeros((BLOCK_B, BLOCK_P), acc_ty), DOT_PRECISION, UPCAST_DOT)
+            h_new = mma(h_new.to(w_t.dtype), wr_t, tl.zeros((BLOCK_B, BLOCK_P), acc_ty), DOT_PRECISION, DOT_FORM)
         # The next step consumes h rounded to the input dtype, exactly as the other paths read it back.
         h_new = h_new.to(w_t.dtype)
         # Past its end a sequence keeps its state (so h_n/c_n are taken at its own last step) and outputs 0.
@@ -115,7 +115,7 @@ def _persistent_bwd_kernel(
     w_hh_dir, w_hr_dir,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DCS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_DCS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr,
 ):
     acc_ty = dh0_ptr.dtype.element_ty
     G = 4 * H
@@ -154,7 +154,7 @@ def _persistent_bwd_kernel(
         if HAS_PROJ:
             tl.store(at(dh_ptr, d, stride_yd, s, stride_yt) + off_p,
                      tl.where(valid, dh, 0.0).to(dh_ptr.dtype.element_ty), mask=m_p)
-            dm = mma(dh.to(w.dtype), wr, tl.zeros((BLOCK_B, BLOCK_H), acc_ty), DOT_PRECISION, UPCAST_DOT)
+            dm = mma(dh.to(w.dtype), wr, tl.zeros((BLOCK_B, BLOCK_H), acc_ty), DOT_PRECISION, DOT_FORM)
         else:
             dm = dh
         dc, act, c, c_prev, restart = saved_step(gates_ptr, cs_ptr, dcs_ptr, reset_ptr, dc, valid, d, s, B, stride_gd, stride_gt, stride_cd,
@@ -163,7 +163,7 @@ def _persistent_bwd_kernel(
         dgates, dc_prev = cell_backward(dm, dc, act, c, c_prev, BLOCK_B, BLOCK_H)
         dgates = tl.where(valid, dgates, 0.0).to(dgates_ptr.dtype.element_ty)
         tl.store(at(dgates_ptr, d, stride_gd, s, stride_gt) + off_g, dgates, mask=m_g)
-        dh_rec = mma(dgates.to(w.dtype), w, tl.zeros((BLOCK_B, BLOCK_P), acc_ty), DOT_PRECISION, UPCAST_DOT)
+        dh_rec = mma(dgates.to(w.dtype), w, tl.zeros((BLOCK_B, BLOCK_P), acc_ty), DOT_PRECISION, DOT_FORM)
         if HAS_MASK:
             dh_rec = dh_rec * keep
         dc = tl.where(valid, dc_prev, dc)
@@ -207,7 +207,7 @@ def forward(plan: LSTMPlan, gx, w_hh: PerDirection, w_hr, h0, c0, lengths, reset
         w_hh.stride, 0 if w_hr is None else w_hr.stride,
         BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_P=plan.block_p,
         HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
-        HAS_MASK=mask is not None, SAVE=save, DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
+        HAS_MASK=mask is not None, SAVE=save, DOT_PRECISION=plan.dot_precision, DOT_FORM=plan.dot_form,
         num_warps=plan.num_warps, num_stages=1,
     )
     return y, h_n, c_n, gates, cs
@@ -235,7 +235,7 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
         BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_P=plan.block_p,
         HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
         HAS_MASK=mask is not None, HAS_DCS=dcs is not None,
-        DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
+        DOT_PRECISION=plan.dot_precision, DOT_FORM=plan.dot_form,
         num_warps=plan.num_warps_bwd, num_stages=1,
     )
     return dgates, dh_all, dh0, dc0

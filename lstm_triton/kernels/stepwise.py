@@ -34,7 +34,7 @@ def _stepwise_fwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     FUSE_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_RESETS: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr,
 ):
     # Step s of every direction. Without a projection ``out`` is y (h_t at step s); with one it is m_buf
     # (step stride 0) and the launcher finishes h_t = m·W_hrᵀ.
@@ -50,13 +50,13 @@ def _stepwise_fwd_kernel(
         if HAS_BIAS:
             pre += tl.load(in_direction(bias_ptr, d, G) + col_g, mask=m_col, other=0.0).to(acc_ty)[None, :]
         pre = add_rows_times_wt(pre, in_direction(x_ptr, d, B * I), in_direction(w_ih_ptr, d, w_ih_dir), I, rb, mb,
-                                col_g, m_col, BLOCK_K, DOT_PRECISION, UPCAST_DOT, x_ptr, restart, x_ptr, False, False)
+                                col_g, m_col, BLOCK_K, DOT_PRECISION, DOT_FORM, x_ptr, restart, x_ptr, False, False)
     else:
         pre = tl.load(at(gx_ptr, d, stride_gd, s, stride_gt) + off_g, mask=m_g,
                       other=0.0).to(acc_ty)
     h_prev_ptr = at(h_ptr, d, stride_hd, h_read, stride_ht)
     pre = add_rows_times_wt(pre, h_prev_ptr, in_direction(w_hh_ptr, d, w_hh_dir), P, rb, mb, col_g, m_col, BLOCK_K,
-                            DOT_PRECISION, UPCAST_DOT, in_direction(h0_ptr, d, B * P), restart,
+                            DOT_PRECISION, DOT_FORM, in_direction(h0_ptr, d, B * P), restart,
                             in_direction(mask_ptr, d, B * P), HAS_RESETS, HAS_MASK)
     pre = tl.where(m_col[None, :], pre, 0.0)  # padded columns stay 0 even for h = ±inf (see persistent.py)
     c_prev = tl.load(at(c_ptr, d, stride_cd, c_read, stride_ct) + off_h, mask=m_h, other=0.0)
@@ -79,7 +79,7 @@ def _stepwise_fwd_kernel(
 @triton.jit
 def _recurrent_dh(dg_ptr, w_d, mask_d, rb, mb, rh, m_h, off_h, H, acc_ty: tl.constexpr, BLOCK_B: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr):
     """dgates[rb, :] · W_hh[:, rh] of one step's dgates [B, 4H], reduced over the 4H gate rows in BLOCK_K chunks,
     times the dropout mask: the gradient reaching this program's units of h before that step."""
     G = 4 * H
@@ -90,7 +90,7 @@ def _recurrent_dh(dg_ptr, w_d, mask_d, rb, mb, rh, m_h, off_h, H, acc_ty: tl.con
         mk = rk < G
         dg_k = tl.load(dg_ptr + rb[:, None] * G + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
         w_k = tl.load(w_d + rk[:, None] * H + rh[None, :], mask=mk[:, None] & (rh < H)[None, :], other=0.0)
-        rec = mma(dg_k.to(w_k.dtype), w_k, rec, DOT_PRECISION, UPCAST_DOT)
+        rec = mma(dg_k.to(w_k.dtype), w_k, rec, DOT_PRECISION, DOT_FORM)
         k0 += BLOCK_K
     if HAS_MASK:
         rec = rec * tl.load(mask_d + off_h, mask=m_h, other=0.0).to(acc_ty)
@@ -105,7 +105,7 @@ def _stepwise_bwd_kernel(
     stride_rd, w_hh_dir,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     FUSED_DH: tl.constexpr, FINAL: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_RESETS: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DCS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DCS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FORM: tl.constexpr,
 ):
     # Step s (reverse). dh, dc [D, B, H] carry the state gradients across launches and dh0, dc0 [D, B, *]
     # accumulate what reaches the initial state at segment starts; each program updates only its own units
@@ -123,14 +123,14 @@ def _stepwise_bwd_kernel(
     if FINAL:
         rec = _recurrent_dh(in_direction(dgates_ptr, d, stride_gd), in_direction(w_hh_ptr, d, w_hh_dir),
                             in_direction(mask_ptr, d, B * H), rb, mb, rh, m_h, off_h, H, acc_ty, BLOCK_B, BLOCK_H,
-                            BLOCK_K, HAS_MASK, DOT_PRECISION, UPCAST_DOT)
+                            BLOCK_K, HAS_MASK, DOT_PRECISION, DOT_FORM)
         tl.store(dh0_ptr + off_hd, tl.load(dh0_ptr + off_hd, mask=m_h, other=0.0) + rec, mask=m_h)
         return
     if FUSED_DH:
         if s + 1 < T:
             rec = _recurrent_dh(at(dgates_ptr, d, stride_gd, s + 1, stride_gt), in_direction(w_hh_ptr, d, w_hh_dir),
                                 in_direction(mask_ptr, d, B * H), rb, mb, rh, m_h, off_h, H, acc_ty, BLOCK_B,
-                                BLOCK_H, BLOCK_K, HAS_MASK, DOT_PRECISION, UPCAST_DOT)
+                                BLOCK_H, BLOCK_K, HAS_MASK, DOT_PRECISION, DOT_FORM)
             if HAS_RESETS:
                 # Step s+1 started a segment from h0: its gradient goes there, and none crosses into step s.
                 restart_next = starts_segment(reset_ptr, d, stride_rd, s + 1, B, rb, mb, lens, HAS_RESETS)
@@ -214,7 +214,7 @@ def forward(plan: LSTMPlan, gx, w_hh: PerDirection, w_hr, h0, c0, lengths, reset
             BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_K=plan.block_k,
             FUSE_INPUT=fused_input is not None, HAS_BIAS=bias is not None, HAS_PROJ=has_proj,
             HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None, HAS_MASK=mask is not None, SAVE=save,
-            DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
+            DOT_PRECISION=plan.dot_precision, DOT_FORM=plan.dot_form,
             num_warps=plan.num_warps, num_stages=1,
         )
         if has_proj:
@@ -281,7 +281,7 @@ def backward(plan: LSTMPlan, dy, dh_n, dc_n, dcs, gates, cs, w_hh: PerDirection,
             BLOCK_B=plan.block_b, BLOCK_H=plan.block_h_bwd, BLOCK_K=plan.block_k,
             FUSED_DH=not has_proj, FINAL=s < 0, HAS_LENGTHS=lengths is not None, HAS_RESETS=resets is not None,
             HAS_MASK=mask is not None, HAS_DCS=dcs is not None,
-            DOT_PRECISION=plan.dot_precision, UPCAST_DOT=plan.upcast_dot,
+            DOT_PRECISION=plan.dot_precision, DOT_FORM=plan.dot_form,
             num_warps=plan.num_warps_bwd, num_stages=1,
         )
     if has_proj:
