@@ -554,7 +554,7 @@ def compile_one(job) -> dict:
             setattr(res, key, value)
         res.extra["integer_specialization"] = {
             fn.arg_names[path[0]]: value for path, value in constexprs.items() if not fn.params[path[0]].is_constexpr}
-        res.extra["divisible_by_16"] = sorted(fn.arg_names[path[0]] for path in attrs)
+        res.extra["divisible_by_16"] = sorted(fn.arg_names[path[0]] for path, value in attrs.items() if value)
         res.ok = True
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}"
@@ -667,7 +667,7 @@ def main(argv=None) -> int:
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # registers and spills from the ptxas run triton makes itself
     report = collect(targets, full=args.full, jobs=args.jobs, progress=not args.quiet, scope=args.scope)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        Path(args.json).write_text(json.dumps(report, separators=(",", ":"), default=str) + "\n")
     if not args.quiet:
         print(format_table(report))
     return 0 if all(r["ok"] for r in report["results"]) else 1
