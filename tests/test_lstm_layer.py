@@ -12,6 +12,7 @@ import torch
 from helpers import DEVICE, KERNEL_PATHS, make_layer_problem, rel_err, run_with_grads
 from lstm_triton import lstm_layer, lstm_layer_reference
 from lstm_triton.kernels import cooperative, per_direction, plan_lstm
+from lstm_triton.kernels.dispatch import PathUnavailable
 
 SHAPES = [  # (T, B, I, H)
     (1, 1, 4, 16),  # a single step, a single sequence, H exactly one tile
@@ -191,6 +192,28 @@ def test_dispatcher_choice():
         plan_lstm(8, 20, torch.float32, path="cooperative", proj_size=4)
     with pytest.raises(ValueError, match="resident"):
         plan_lstm(256, 1024, torch.bfloat16, path="cooperative", resident_programs=132)
+    # The device's shared memory per program bounds the slice with its staged operands: bf16 HP = 1024
+    # backward takes 192 KB, within an H100's 227 KB, beyond an A100's 163 KB (HP = 512 takes 96 KB).
+    for H, shared, path in ((576, 227 * 1024, "cooperative"), (576, 163 * 1024, "stepwise"),
+                            (512, 163 * 1024, "cooperative")):
+        assert plan_lstm(16, H, torch.bfloat16, resident_programs=108, shared_memory_per_program=shared).path == path
+
+
+def test_forced_persistent_tiles_are_capped_where_the_compiler_fails(monkeypatch):
+    """Compiled, a forced persistent tile is capped at HP = 64 for tensor-core dots and at the dispatcher's own
+    cap, 16, for exact float32 and float64 (see PERSISTENT_FORCED_MAX); the interpreter runs any of them."""
+    from lstm_triton.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "interpreter_active", lambda: True)
+    assert plan_lstm(8, 64, torch.float32, path="persistent").block_h == 64
+    monkeypatch.setattr(dispatch, "interpreter_active", lambda: False)
+    assert plan_lstm(8, 64, torch.bfloat16, path="persistent").block_h == 64
+    assert plan_lstm(8, 64, torch.float32, allow_tf32=True, path="persistent").block_h == 64
+    assert plan_lstm(8, 16, torch.float32, path="persistent").block_h == 16
+    assert plan_lstm(8, 16, torch.float64, path="persistent").block_h == 16
+    for H, dtype in ((17, torch.float32), (17, torch.float64)):
+        with pytest.raises(PathUnavailable, match="persistent LSTM path"):
+            plan_lstm(8, H, dtype, path="persistent")
 
 
 def test_plan_round_trips_and_the_backward_runs_the_forwards_plan(monkeypatch):

@@ -75,13 +75,13 @@ TARGETS = {
 }
 DEFAULT_TARGETS = tuple(TARGETS)
 
-# The dispatcher sweep: H over every size to SWEEP_H_FINE and the thresholds above, B, directions, resident
-# programs (0: unknown — the interpreter, or a forced path; 108: A100; 132: H100/H200).
+# The dispatcher sweep: H over every size to SWEEP_H_FINE and the thresholds above, B, directions, and the
+# devices the dispatcher plans for: name → (programs resident at once, shared memory per program in bytes).
 SWEEP_H_FINE = 64
 SWEEP_B = (1, 16, 17, 256)
-RESIDENT_PROGRAMS = (0, 108, 132)
+DEVICES = {"H100/H200": (132, 227 * 1024), "A100": (108, 163 * 1024)}
+TARGET_DEVICE = {"sm_90": "H100/H200", "sm_80": "A100"}  # AMD targets: no dispatcher model; every plan compiles
 SWEEP_T = 2  # two steps: a single step is the fused path; more steps add nothing to a specialization
-TIER1_RESIDENT = {"H100/H200": 132, "A100": 108}
 ON_CHIP_PATHS = ("persistent", "cooperative")  # paths that keep weights on chip for the whole sequence
 FULL_ENV = "LSTM_TRITON_COMPILE_FULL"
 
@@ -228,23 +228,31 @@ def _sweep_sizes(fine_up_to: int = SWEEP_H_FINE) -> list[int]:
 def sweep_plans(dtype, allow_tf32: bool) -> dict:
     """Every distinct plan a GPU can run for this dtype / precision, with the first problem that produced it:
     {plan: problem}. That is ``plan_lstm``'s own choice ("auto") over the whole sweep on an A100 and an H100
-    (108 and 132 resident programs), and each path a caller may force — the test suite forces them at H ≤ 64 —
-    over the sizes up to SWEEP_H_FINE. (Plans for an unknown residency are the interpreter's; no GPU runs them.)"""
+    (DEVICES), and each path a caller may force — the test suite forces them at H ≤ 64 — over the sizes up to
+    SWEEP_H_FINE. (Plans for an unknown residency are the interpreter's; no GPU runs them.)"""
     from lstm_triton.kernels import plan_lstm
 
     found: dict = {}
-    for B, H, D, resident in itertools.product(SWEEP_B, _sweep_sizes(), (1, 2), RESIDENT_PROGRAMS[1:]):
+    for B, H, D, (device, (resident, shared)) in itertools.product(SWEEP_B, _sweep_sizes(), (1, 2),
+                                                                    DEVICES.items()):
         paths = ("auto", "persistent", "cooperative", "stepwise") if H <= SWEEP_H_FINE else ("auto",)
         for P in [0] + [p for p in (1, 7, 16, 17) if p < H]:
             for T, path in itertools.product((1, SWEEP_T), paths):
                 try:
                     plan = plan_lstm(B, H, dtype, proj_size=P, T=T, directions=D, allow_tf32=allow_tf32,
-                                     path=path, resident_programs=resident)
+                                     path=path, resident_programs=resident, shared_memory_per_program=shared)
                 except ValueError:
                     continue  # a forced path that cannot run this problem (it raises for callers too)
                 problem = dict(T=T, B=B, H=H, P=P or H, D=D, I=24, proj=bool(P), auto=path == "auto")
-                if plan not in found or (problem["auto"] and not found[plan]["auto"]):
-                    found[plan] = problem  # a plan the dispatcher picks by itself is marked as such
+                seen = found.get(plan)
+                if seen is None or (problem["auto"] and not seen["auto"]):
+                    # a plan the dispatcher picks by itself is marked as such, with the problem that made it
+                    found[plan] = dict(problem, devices=seen["devices"] if seen else [],
+                                       auto_on=seen["auto_on"] if seen else [])
+                entry = found[plan]
+                entry["devices"] = sorted({*entry["devices"], device})  # where it can run
+                if problem["auto"]:
+                    entry["auto_on"] = sorted({*entry["auto_on"], device})  # where it is picked by itself
     return found
 
 
@@ -270,10 +278,10 @@ def record_launches(scope: str = "all") -> list[Launch]:
                     launches += _launch_problem(plan, mode, dtype, problem, features, tier1=False)
         if mode == "fp64":
             continue  # the benchmark runs no float64 rows
-        for (name, problem), (device, resident) in itertools.product(tier1_problems(), TIER1_RESIDENT.items()):
+        for (name, problem), (device, (resident, shared)) in itertools.product(tier1_problems(), DEVICES.items()):
             plan = plan_lstm(problem["B"], problem["H"], dtype, T=problem["T"], allow_tf32=allow_tf32,
-                             resident_programs=resident)
-            tagged = dict(problem, shape=name, device=device)
+                             resident_programs=resident, shared_memory_per_program=shared)
+            tagged = dict(problem, shape=name, device=device, devices=[device], auto_on=[device])
             inference_only = name.startswith("L1")
             for features in (dict(launcher="lstm_fwd", save=False), dict(launcher="lstm_fwd", save=True),
                              dict(launcher="lstm_bwd"))[:1 if inference_only else 3]:
@@ -563,6 +571,103 @@ def compile_one(job) -> dict:
     return asdict(res)
 
 
+def _compile_marked(index: int, job, marks: str) -> dict:
+    """compile_one in a pool worker, leaving a trace of it in ``marks``: "<index>.started" before, "<index>.done"
+    after, the worker's stderr (where LLVM prints a failed assertion before it aborts the process) in
+    "<index>.err"."""
+    Path(marks, f"{index}.started").touch()
+    err = os.open(os.path.join(marks, f"{index}.err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    saved = os.dup(2)
+    os.dup2(err, 2)
+    try:
+        result = compile_one(job)
+        Path(marks, f"{index}.done").touch()
+        return result
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(err)
+
+
+def _died(job, marks: str, index: int) -> dict:
+    launch_dict, target_name, tier1 = job
+    launch = Launch(**launch_dict)
+    err = Path(marks, f"{index}.err").read_text(errors="replace").strip().splitlines()
+    tail = "\n".join(line for line in err if "UserWarning" not in line and "warn_once" not in line)[-3000:]
+    return asdict(CompileResult(kernel=launch.kernel.strip("_").removesuffix("_kernel"), path=launch.plan["path"],
+                                target=target_name, triton_version=_triton_version(), dtype=launch.mode, tiles="?",
+                                switches={}, num_warps=launch.kwargs.get("num_warps", 4), ok=False,
+                                error=f"the compiler aborted the process:\n{tail}", tier1=list(tier1),
+                                problem=launch.problem, features=launch.features))
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def compile_isolated(work: list, jobs: int, progress: bool = False) -> list[dict]:
+    """compile_one over ``work`` in ``jobs`` worker processes. A compile that kills its process (an assertion
+    inside LLVM aborts, it raises nothing) is reported as a failed compile with the worker's last stderr lines,
+    and the other jobs go on in a new pool."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    results: list[Optional[dict]] = [None] * len(work)
+    rounds = [(list(range(len(work))), jobs)]  # (job indices, workers)
+    done = 0
+    with tempfile.TemporaryDirectory() as marks:
+        while rounds:
+            batch, workers = rounds.pop(0)
+            # spawn: the workers start clean (no forked torch thread pools); they inherit this environment.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(_compile_marked, i, work[i], marks): i for i in batch}
+                for future, i in futures.items():
+                    try:
+                        results[i] = future.result()
+                    except BrokenProcessPool:
+                        continue
+                    done += 1
+                    if progress:
+                        r = results[i]
+                        print(f"[{done}/{len(work)}] {r['kernel']} {r['dtype']} {r['tiles']} {r['target']}: "
+                              f"{'ok' if r['ok'] else 'FAILED'} ({r['compile_s']} s)", file=sys.stderr, flush=True)
+            unfinished = [i for i in batch if results[i] is None]
+            if not unfinished:
+                continue
+            # The job that killed the pool started and returned nothing; so did any job running beside it.
+            started = [i for i in unfinished if Path(marks, f"{i}.started").exists()
+                       and not Path(marks, f"{i}.done").exists()]
+            if not started:
+                raise RuntimeError("the compile pool broke before any job started")
+            for i in started:
+                Path(marks, f"{i}.started").unlink()
+            rest = [i for i in unfinished if i not in started]
+            if len(started) == 1:
+                results[started[0]] = _died(work[started[0]], marks, started[0])
+                done += 1
+                if progress:
+                    print(f"[{done}/{len(work)}] job {started[0]}: the compiler aborted", file=sys.stderr, flush=True)
+            else:
+                rounds.insert(0, (started, 1))  # one at a time tells which of them it was
+            if rest:
+                rounds.append((rest, workers))
+    return results
+
+
+def _as_planned_for(launch: Launch, target_name: str) -> Optional[Launch]:
+    """The launch as the dispatcher plans it on the target's device (``auto``: picked there by itself), or None
+    where that device never runs its plan (e.g. a tile planned for an H100's shared memory, on an A100)."""
+    device = TARGET_DEVICE.get(target_name)
+    if device is None:
+        return launch
+    if device not in launch.problem["devices"]:
+        return None
+    return Launch(**dict(asdict(launch), problem=dict(launch.problem, auto=device in launch.problem["auto_on"])))
+
+
 def collect(targets=DEFAULT_TARGETS, full: bool = False, jobs: Optional[int] = None, progress: bool = False,
             scope: str = "report") -> dict:
     """Record, specialize and compile (see the module docstring and :func:`select`); ``scope="tier1"``: only the
@@ -579,7 +684,9 @@ def collect(targets=DEFAULT_TARGETS, full: bool = False, jobs: Optional[int] = N
     for target_name in targets:
         groups: dict[str, list[Launch]] = {}
         for launch in launches:
-            groups.setdefault(_key(launch, target_name), []).append(launch)
+            launch = _as_planned_for(launch, target_name)
+            if launch is not None:
+                groups.setdefault(_key(launch, target_name), []).append(launch)
         keys = sorted(groups) if full else select(groups, target_name, scope)
         counts[target_name] = dict(recorded=len(groups), compiled=len(keys))
         for key in keys:
@@ -590,20 +697,7 @@ def collect(targets=DEFAULT_TARGETS, full: bool = False, jobs: Optional[int] = N
                              for l in ls if l.tier1})
             work.append((asdict(rep), target_name, labels))
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(work)))
-    results = []
-    if jobs == 1:
-        results = [compile_one(w) for w in work]
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn: the workers start clean (no forked torch thread pools); they inherit this environment.
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            for i, r in enumerate(pool.map(compile_one, work, chunksize=4)):
-                results.append(r)
-                if progress:
-                    print(f"[{i + 1}/{len(work)}] {r['kernel']} {r['dtype']} {r['tiles']} {r['target']}: "
-                          f"{'ok' if r['ok'] else 'FAILED'} ({r['compile_s']} s)", file=sys.stderr, flush=True)
+    results = compile_isolated(work, jobs, progress)
     return dict(
         triton_version=triton.__version__,
         targets=list(targets),

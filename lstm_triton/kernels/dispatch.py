@@ -24,6 +24,10 @@ PATHS = ("persistent", "cooperative", "stepwise")
 PERSISTENT_MAX_HP_16BIT = 32  # float16 / bfloat16 without projection
 PERSISTENT_MAX_HP = 16  # float32 / float64, and any dtype with a projection
 PERSISTENT_FORCED_MAX = 64  # a caller may force larger tiles than the caps (they spill), up to this padded H / P
+# ... except where the compiled dots are not on tensor cores (exact float32, float64): there the caps hold for
+# forced tiles too. Beyond them exact float32 spills kilobytes and its backward aborts LLVM on sm_90 with
+# triton 3.9 (an SLP-vectorizer assertion kills the process, HP = 32 and 64); float64's FMA products would not
+# compile in reasonable time and memory. The interpreter runs any forced tile.
 
 # The cooperative path keeps, per program, the 4·BLOCK_H rows of W_hh it multiplies h by (forward) and the
 # BLOCK_H columns it multiplies dgates by (backward), over all of h, on chip for the whole sequence. The
@@ -34,6 +38,7 @@ COOPERATIVE_MAX_TILE_BYTES = 64 * 1024
 COOPERATIVE_MAX_TILE_BYTES_BWD = 128 * 1024
 COOPERATIVE_UNALIGNED_MAX_HP = 512
 COOPERATIVE_MIN_BLOCK_H = 4  # forward: one dot of 4·BLOCK_H ≥ 16 gate columns
+COOPERATIVE_MAX_BLOCK_H_FP32 = 4  # float32 (tf32) forward: 8 units spill on sm_80 with triton 3.9 (HP = 256)
 COOPERATIVE_MIN_BLOCK_H_BWD = 16  # backward: one dot of BLOCK_H ≥ 16 output columns
 COOPERATIVE_BATCH_TILES = (16,)  # 32 rows spill kilobytes at every tile the dispatcher would pick (report)
 COOPERATIVE_MAX_OPERAND_BYTES = 32 * 1024
@@ -117,12 +122,18 @@ def persistent_fits(H: int, dtype: torch.dtype, proj_size: int = 0) -> bool:
     return padded(H) <= cap and padded(proj_size or H) <= cap
 
 
-def cooperative_tile_fits(H: int, block_h: int, dtype: torch.dtype, backward: bool = False) -> bool:
-    """A program's on-chip W_hh slice (4·block_h × HP elements) within the budget."""
+def cooperative_tile_fits(H: int, block_h: int, dtype: torch.dtype, backward: bool = False,
+                          shared_limit: Optional[int] = None, block_b: int = 16) -> bool:
+    """A program's on-chip W_hh slice (4·block_h × HP elements) within the budget and, with ``shared_limit``
+    (the device's shared memory per program), within the shared memory the compiled kernel takes: the slice
+    beside the per-step operands staged there — one [block_b, HP] tile forward, two backward (the compile
+    report: bf16 HP = 1024 backward 128 + 2 × 32 KB = 192 KB, more than an A100's 163 KB)."""
     budget = COOPERATIVE_MAX_TILE_BYTES_BWD if backward else COOPERATIVE_MAX_TILE_BYTES
     if element_size(dtype) > 2:
         budget //= 2  # float32 (tf32) slices at HP = 512 spill a few dozen bytes on sm_80 (triton 3.6): half
-    return 4 * block_h * padded(H) * element_size(dtype) <= budget
+    slice_bytes = 4 * block_h * padded(H) * element_size(dtype)
+    staged = (2 if backward else 1) * block_b * padded(H) * element_size(dtype)
+    return slice_bytes <= budget and (shared_limit is None or slice_bytes + staged <= shared_limit)
 
 
 def cooperative_operand_fits(block_b: int, H: int, dtype: torch.dtype) -> bool:
@@ -133,22 +144,28 @@ def cooperative_operand_fits(block_b: int, H: int, dtype: torch.dtype) -> bool:
 
 
 def _cooperative_tiles(B: int, H: int, D: int, dtype: torch.dtype, capacity: Optional[Callable[[LSTMPlan], int]],
-                       base: dict) -> Optional[LSTMPlan]:
+                       base: dict, shared_limit: Optional[int] = None) -> Optional[LSTMPlan]:
     """The cooperative plan: the smallest batch tile and then the smallest unit tiles within the on-chip budget
     whose grids fit the capacity (programs that can be resident at once, per plan) — the most programs, so
     the most SMs share W_hh. Without a capacity (the interpreter, which runs one step per launch) simply the
     smallest tiles: the most programs exchanging, the most of the exchange exercised."""
     HP = padded(H)
     units = [u for u in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if u <= HP]
-    fwd_tiles = [u for u in units if u >= COOPERATIVE_MIN_BLOCK_H and cooperative_tile_fits(H, u, dtype)]
-    bwd_tiles = [u for u in units if u >= COOPERATIVE_MIN_BLOCK_H_BWD and cooperative_tile_fits(H, u, dtype, True)]
-    if not fwd_tiles or not bwd_tiles:
-        return None
+
+    def tiles(block_b: int) -> tuple[list[int], list[int]]:
+        widest = COOPERATIVE_MAX_BLOCK_H_FP32 if element_size(dtype) > 2 else HP
+        return ([u for u in units if COOPERATIVE_MIN_BLOCK_H <= u <= widest
+                 and cooperative_tile_fits(H, u, dtype, False, shared_limit, block_b)],
+                [u for u in units if u >= COOPERATIVE_MIN_BLOCK_H_BWD
+                 and cooperative_tile_fits(H, u, dtype, True, shared_limit, block_b)])
+
     if capacity is not None and H % 16 and HP > COOPERATIVE_UNALIGNED_MAX_HP:
         return None  # see COOPERATIVE_MAX_TILE_BYTES (a forced plan under the interpreter still runs)
     if capacity is None:
-        return _cooperative_plan(16, fwd_tiles[0], bwd_tiles[0], HP, base)
+        fwd_tiles, bwd_tiles = tiles(16)
+        return _cooperative_plan(16, fwd_tiles[0], bwd_tiles[0], HP, base) if fwd_tiles and bwd_tiles else None
     for block_b in (b for b in COOPERATIVE_BATCH_TILES if cooperative_operand_fits(b, H, dtype)):
+        fwd_tiles, bwd_tiles = tiles(block_b)
         for block_h in fwd_tiles:
             for block_h_bwd in bwd_tiles:
                 plan = _cooperative_plan(block_b, block_h, block_h_bwd, HP, base)
@@ -222,6 +239,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_program(device_index: int) -> Optional[int]:
+    return getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
+
+
 def plan_lstm(
     B: int,
     H: int,
@@ -234,6 +256,7 @@ def plan_lstm(
     path: str = "auto",
     device: Optional[torch.device] = None,
     resident_programs: Optional[int] = None,
+    shared_memory_per_program: Optional[int] = None,
 ) -> LSTMPlan:
     """The plan for one layer call: B sequences of T steps, H hidden units (projected to ``proj_size``), in
     ``directions`` directions, in ``dtype``.
@@ -244,8 +267,9 @@ def plan_lstm(
     3. the cooperative path when its dots run on tensor cores (bf16, fp16, tf32 — exact float32 and float64
        FMA dots spill on its tile), there is no projection, and its grid can be resident at once: on a CUDA
        ``device`` that is decided from the compiled kernels' registers and shared memory and the SM count
-       (``resident_programs`` > 0 overrides it with a program count, e.g. for the compile report; the
-       interpreter has none, so it never picks this path);
+       (``resident_programs`` > 0 overrides it with a program count and ``shared_memory_per_program`` with
+       the device's shared memory per program, e.g. for the compile report; the interpreter has none, so it
+       never picks this path);
     4. else the stepwise path.
     ``"persistent"``, ``"cooperative"`` or ``"stepwise"`` force one (tests compare them); a forced path that
     cannot run the problem raises ValueError.
@@ -253,6 +277,7 @@ def plan_lstm(
     if path not in ("auto", *PATHS):
         raise ValueError(f"unknown LSTM kernel path {path!r}; expected 'auto' or one of {PATHS}")
     base = dict(dot_precision=dot_precision(dtype, allow_tf32, device), dot_form=dot_form(dtype))
+    shared_limit = shared_memory_per_program
     if resident_programs:
         capacity = lambda plan: resident_programs  # noqa: E731
     elif device is not None and torch.device(device).type == "cuda" and not interpreter_active():
@@ -261,6 +286,7 @@ def plan_lstm(
         index = torch.device(device).index
         index = torch.cuda.current_device() if index is None else index
         capacity = lambda plan: _sm_count(index) * cooperative.programs_per_sm(plan, dtype, index)  # noqa: E731
+        shared_limit = shared_limit or _shared_memory_per_program(index)
     else:
         capacity = _no_capacity
     tensor_cores = dtype in (torch.float16, torch.bfloat16) or base["dot_precision"] == "tf32"
@@ -270,15 +296,16 @@ def plan_lstm(
             path = "stepwise"
         elif persistent_fits(H, dtype, proj_size):
             path = "persistent"
-        elif not proj_size and tensor_cores and _cooperative_tiles(B, H, directions, dtype, capacity, base):
+        elif not proj_size and tensor_cores and _cooperative_tiles(B, H, directions, dtype, capacity, base,
+                                                                  shared_limit):
             path = "cooperative"
         else:
             path = "stepwise"
     if path == "persistent":
         HP, PP = padded(H), padded(proj_size or H)
-        # Compiled float64 forms its products on the FMA units ([16, K, N] per dot): beyond the caps its tiles
-        # would not compile in reasonable time and memory; the interpreter takes any forced tile.
-        forced_max = PERSISTENT_FORCED_MAX if base["dot_form"] != "fma" else PERSISTENT_MAX_HP
+        forced_max = PERSISTENT_FORCED_MAX
+        if not tensor_cores and not interpreter_active():  # see PERSISTENT_FORCED_MAX
+            forced_max = PERSISTENT_MAX_HP
         if max(HP, PP) > forced_max:
             raise PathUnavailable(f"the persistent LSTM path holds every unit's weights in one program: it takes H and "
                              f"proj_size up to {forced_max} here, got H={H}, proj_size={proj_size}")
@@ -288,7 +315,8 @@ def plan_lstm(
         # Where residency is unknowable (the interpreter runs one step per launch), a forced plan takes the
         # largest tiles within the on-chip budget; on a GPU its grid must fit what can be resident.
         known = capacity is not _no_capacity
-        plan = None if proj_size else _cooperative_tiles(B, H, directions, dtype, capacity if known else None, base)
+        plan = None if proj_size else _cooperative_tiles(B, H, directions, dtype, capacity if known else None, base,
+                                                         shared_limit if known else None)
         if plan is None:
             raise PathUnavailable(
                 "the cooperative LSTM path cannot run this problem: it takes no projection, needs the W_hh slice "
