@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from helpers import REPO
+from tools.compile_report import compile_isolated
 
 NVIDIA = ("sm_90", "sm_80")
 # Shared memory one program may use: H100/H200 227 KiB, A100 163 KiB.
@@ -54,9 +55,9 @@ TORCH_CONTRACT_OFF = ("HAS_RESETS", "HAS_MASK", "HAS_DCS")  # the options beyond
 
 def test_dispatchable_on_chip_tiles_do_not_spill(report):
     """The persistent and cooperative kernels keep weights on chip for the whole sequence: a spill there is paid
-    every step. Every tile the dispatcher picks by itself compiles without one for what torch.nn.LSTM can ask
-    (lengths, projection, saving for backward: any combination); of the tier-1 specializations in the committed
-    reports one spills (tf32 L2 backward, 28 B on sm_90 with triton 3.9: benchmarks/NOTES.md). Tiles only a
+    every step. Every tile the dispatcher picks by itself (and every tier-1 specialization: the committed
+    reports) compiles without one for what torch.nn.LSTM can ask (lengths, projection, saving for backward:
+    any combination). Tiles only a
     caller can force (larger persistent tiles, the interpreter's cooperative splits) may spill, and so may the
     largest cooperative tiles with the options beyond torch all on at once (resets, recurrent dropout, cell-state
     gradients: a few dozen bytes, listed in benchmarks/NOTES.md)."""
@@ -85,3 +86,20 @@ def test_integer_arguments_are_specialized_like_the_launcher(report):
     ok = [r for r in report if r["ok"]]
     assert any(r["extra"]["integer_specialization"].get("T") == 1 for r in ok)
     assert any("H" in r["extra"]["divisible_by_16"] for r in ok)
+
+
+def _abort_on_odd(job):
+    if job % 2:
+        print(f"assertion failed in job {job}", file=sys.stderr, flush=True)
+        os.abort()  # as LLVM does on a failed assertion: no exception, the process is gone
+    return dict(job=job, ok=True)
+
+
+def _died(job, stderr_tail):
+    return dict(job=job, ok=False, error=stderr_tail)
+
+
+def test_a_compile_that_kills_its_process_is_reported_and_the_others_go_on():
+    results = compile_isolated(list(range(5)), 2, compile_fn=_abort_on_odd, died_fn=_died)
+    assert [(r["job"], r["ok"]) for r in results] == [(0, True), (1, False), (2, True), (3, False), (4, True)]
+    assert "assertion failed in job 1" in results[1]["error"] and "job 3" in results[3]["error"]

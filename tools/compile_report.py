@@ -79,8 +79,9 @@ DEFAULT_TARGETS = tuple(TARGETS)
 # devices the dispatcher plans for: name → (programs resident at once, shared memory per program in bytes).
 SWEEP_H_FINE = 64
 SWEEP_B = (1, 16, 17, 256)
-DEVICES = {"H100/H200": (132, 227 * 1024), "A100": (108, 163 * 1024)}
-TARGET_DEVICE = {"sm_90": "H100/H200", "sm_80": "A100"}  # AMD targets: no dispatcher model; every plan compiles
+TARGET_DEVICE = {"sm_90": "H100/H200", "sm_80": "A100"}
+DEVICES = {device: ({"sm_90": 132, "sm_80": 108}[target], TARGETS[target][3]) for target, device in TARGET_DEVICE.items()}
+# AMD targets: the report models no AMD device (nothing has run on ROCm), so every plan compiles for them.
 SWEEP_T = 2  # two steps: a single step is the fused path; more steps add nothing to a specialization
 ON_CHIP_PATHS = ("persistent", "cooperative")  # paths that keep weights on chip for the whole sequence
 FULL_ENV = "LSTM_TRITON_COMPILE_FULL"
@@ -574,16 +575,16 @@ def compile_one(job) -> dict:
     return asdict(res)
 
 
-def _compile_marked(index: int, job, marks: str) -> dict:
-    """compile_one in a pool worker, leaving a trace of it in ``marks``: "<index>.started" before, "<index>.done"
-    after, the worker's stderr (where LLVM prints a failed assertion before it aborts the process) in
-    "<index>.err"."""
+def _compile_marked(compile_fn, index: int, job, marks: str) -> dict:
+    """``compile_fn(job)`` in a pool worker, leaving a trace of it in ``marks``: "<index>.started" before,
+    "<index>.done" after, the worker's stderr (where LLVM prints a failed assertion before it aborts the
+    process) in "<index>.err"."""
     Path(marks, f"{index}.started").touch()
     err = os.open(os.path.join(marks, f"{index}.err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     saved = os.dup(2)
     os.dup2(err, 2)
     try:
-        result = compile_one(job)
+        result = compile_fn(job)
         Path(marks, f"{index}.done").touch()
         return result
     finally:
@@ -592,16 +593,21 @@ def _compile_marked(index: int, job, marks: str) -> dict:
         os.close(err)
 
 
-def _died(job, marks: str, index: int) -> dict:
+def died_result(job, stderr_tail: str) -> dict:
+    """The report entry of a compile that killed its process."""
     launch_dict, target_name, tier1 = job
     launch = Launch(**launch_dict)
-    err = Path(marks, f"{index}.err").read_text(errors="replace").strip().splitlines()
-    tail = "\n".join(line for line in err if "UserWarning" not in line and "warn_once" not in line)[-3000:]
-    return asdict(CompileResult(kernel=launch.kernel.strip("_").removesuffix("_kernel"), path=launch.plan["path"],
-                                target=target_name, triton_version=_triton_version(), dtype=launch.mode, tiles="?",
-                                switches={}, num_warps=launch.kwargs.get("num_warps", 4), ok=False,
-                                error=f"the compiler aborted the process:\n{tail}", tier1=list(tier1),
-                                problem=launch.problem, features=launch.features))
+    try:
+        switches = _switches(launch, target_name)
+    except Exception:  # noqa: BLE001 - the entry must still be written
+        switches = {}
+    tiles = "/".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in switches.items() if k.startswith("BLOCK_"))
+    return asdict(CompileResult(
+        kernel=launch.kernel.strip("_").removesuffix("_kernel"), path=launch.plan["path"], target=target_name,
+        triton_version=_triton_version(), dtype=launch.mode, tiles=tiles or "?",
+        switches={k: v for k, v in switches.items() if isinstance(v, bool)},
+        num_warps=launch.kwargs.get("num_warps", 4), ok=False, error=f"the compiler aborted the process:\n{stderr_tail}",
+        shared_limit=TARGETS[target_name][3], tier1=list(tier1), problem=launch.problem, features=launch.features))
 
 
 def _triton_version() -> str:
@@ -610,10 +616,11 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def compile_isolated(work: list, jobs: int, progress: bool = False) -> list[dict]:
-    """compile_one over ``work`` in ``jobs`` worker processes. A compile that kills its process (an assertion
-    inside LLVM aborts, it raises nothing) is reported as a failed compile with the worker's last stderr lines,
-    and the other jobs go on in a new pool."""
+def compile_isolated(work: list, jobs: int, progress: bool = False, compile_fn=compile_one,
+                     died_fn=died_result) -> list[dict]:
+    """``compile_fn`` over ``work`` in ``jobs`` worker processes. A job that kills its process (an assertion
+    inside LLVM aborts, it raises nothing) gets ``died_fn(job, its stderr's last lines)`` as its result, and the
+    other jobs go on in a new pool. Both functions must be importable by name (the workers are spawned)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -621,40 +628,52 @@ def compile_isolated(work: list, jobs: int, progress: bool = False) -> list[dict
     results: list[Optional[dict]] = [None] * len(work)
     rounds = [(list(range(len(work))), jobs)]  # (job indices, workers)
     done = 0
+
+    def report(i):
+        if progress:
+            r = results[i]
+            print(f"[{done}/{len(work)}] {r['kernel']} {r['dtype']} {r['tiles']} {r['target']}: "
+                  f"{'ok' if r['ok'] else 'FAILED'} ({r.get('compile_s')} s)", file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory() as marks:
+        mark = lambda i, kind: Path(marks, f"{i}.{kind}")  # noqa: E731
         while rounds:
             batch, workers = rounds.pop(0)
-            # spawn: the workers start clean (no forked torch thread pools); they inherit this environment.
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(_compile_marked, i, work[i], marks): i for i in batch}
+            # spawn: the workers start clean (no forked torch thread pools); they inherit this environment. One
+            # at a time, each job gets a fresh process, so nothing a previous job left behind is blamed on it.
+            isolate = dict(max_tasks_per_child=1) if workers == 1 else {}
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), **isolate) as pool:
+                futures = {pool.submit(_compile_marked, compile_fn, i, work[i], marks): i for i in batch}
                 for future, i in futures.items():
                     try:
                         results[i] = future.result()
                     except BrokenProcessPool:
                         continue
                     done += 1
-                    if progress:
-                        r = results[i]
-                        print(f"[{done}/{len(work)}] {r['kernel']} {r['dtype']} {r['tiles']} {r['target']}: "
-                              f"{'ok' if r['ok'] else 'FAILED'} ({r['compile_s']} s)", file=sys.stderr, flush=True)
+                    report(i)
             unfinished = [i for i in batch if results[i] is None]
             if not unfinished:
                 continue
-            # The job that killed the pool started and returned nothing; so did any job running beside it.
-            started = [i for i in unfinished if Path(marks, f"{i}.started").exists()
-                       and not Path(marks, f"{i}.done").exists()]
-            if not started:
-                raise RuntimeError("the compile pool broke before any job started")
-            for i in started:
-                Path(marks, f"{i}.started").unlink()
-            rest = [i for i in unfinished if i not in started]
+            # The job that killed the pool started and did not finish; so did any job running beside it.
+            started = [i for i in unfinished if mark(i, "started").exists() and not mark(i, "done").exists()]
             if len(started) == 1:
-                results[started[0]] = _died(work[started[0]], marks, started[0])
+                i = started[0]
+                err = mark(i, "err").read_text(errors="replace").strip().splitlines()
+                tail = "\n".join(line for line in err if "UserWarning" not in line and "warn_once" not in line)
+                results[i] = died_fn(work[i], tail[-3000:])
                 done += 1
-                if progress:
-                    print(f"[{done}/{len(work)}] job {started[0]}: the compiler aborted", file=sys.stderr, flush=True)
-            else:
+                report(i)
+            elif len(started) > 1:
                 rounds.insert(0, (started, 1))  # one at a time tells which of them it was
+            elif len(unfinished) == len(batch):
+                raise RuntimeError("the compile pool broke before any job finished, and no job was running")
+            else:
+                print("compile_report: a worker died outside any job (killed?); rerunning what was left",
+                      file=sys.stderr, flush=True)
+            for i in unfinished:  # a rerun starts from clean marks
+                for kind in ("started", "done", "err"):
+                    mark(i, kind).unlink(missing_ok=True)
+            rest = [i for i in unfinished if results[i] is None and i not in started]
             if rest:
                 rounds.append((rest, workers))
     return results
@@ -742,6 +761,13 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def to_json(report: dict) -> str:
+    """The report as JSON with one result per line (compact, and a diff shows which compiles changed)."""
+    head = json.dumps({k: v for k, v in report.items() if k != "results"}, separators=(",", ":"), default=str)
+    lines = [json.dumps(r, separators=(",", ":"), default=str) for r in report["results"]]
+    return head[:-1] + ',"results":[\n' + ",\n".join(lines) + "\n]}\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
@@ -764,7 +790,7 @@ def main(argv=None) -> int:
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # registers and spills from the ptxas run triton makes itself
     report = collect(targets, full=args.full, jobs=args.jobs, progress=not args.quiet, scope=args.scope)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, separators=(",", ":"), default=str) + "\n")
+        Path(args.json).write_text(to_json(report))
     if not args.quiet:
         print(format_table(report))
     return 0 if all(r["ok"] for r in report["results"]) else 1

@@ -38,7 +38,6 @@ COOPERATIVE_MAX_TILE_BYTES = 64 * 1024
 COOPERATIVE_MAX_TILE_BYTES_BWD = 128 * 1024
 COOPERATIVE_UNALIGNED_MAX_HP = 512
 COOPERATIVE_MIN_BLOCK_H = 4  # forward: one dot of 4·BLOCK_H ≥ 16 gate columns
-COOPERATIVE_MAX_BLOCK_H_FP32 = 4  # float32 (tf32) forward: 8 units spill on sm_80 with triton 3.9 (HP = 256)
 COOPERATIVE_MIN_BLOCK_H_BWD = 16  # backward: one dot of BLOCK_H ≥ 16 output columns
 COOPERATIVE_BATCH_TILES = (16,)  # 32 rows spill kilobytes at every tile the dispatcher would pick (report)
 COOPERATIVE_MAX_OPERAND_BYTES = 32 * 1024
@@ -125,12 +124,16 @@ def persistent_fits(H: int, dtype: torch.dtype, proj_size: int = 0) -> bool:
 def cooperative_tile_fits(H: int, block_h: int, dtype: torch.dtype, backward: bool = False,
                           shared_limit: Optional[int] = None, block_b: int = 16) -> bool:
     """A program's on-chip W_hh slice (4·block_h × HP elements) within the budget and, with ``shared_limit``
-    (the device's shared memory per program), within the shared memory the compiled kernel takes: the slice
-    beside the per-step operands staged there — one [block_b, HP] tile forward, two backward (the compile
-    report: bf16 HP = 1024 backward 128 + 2 × 32 KB = 192 KB, more than an A100's 163 KB)."""
+    (the device's shared memory per program; LDS on ROCm), within what the compiled kernel takes: the slice
+    beside the per-step operands staged there. Backward, two [block_b, HP] tiles, as compiled (the compile
+    report: bf16 HP = 1024 128 + 2 × 32 KB = 192 KB, more than an A100's 163 KB; HP = 512 96 KB); forward one,
+    an upper estimate (compiled: 72 KB at bf16 HP = 1024 where this counts 96)."""
     budget = COOPERATIVE_MAX_TILE_BYTES_BWD if backward else COOPERATIVE_MAX_TILE_BYTES
     if element_size(dtype) > 2:
-        budget //= 2  # float32 (tf32) slices at HP = 512 spill a few dozen bytes on sm_80 (triton 3.6): half
+        # float32 (tf32) and float64: a quarter, which keeps float32's cooperative tiles to HP ≤ 128. Beyond, they spill: a few
+        # dozen bytes at HP = 512 on sm_80 (triton 3.6); at HP = 256 8-unit forward tiles 8 B on sm_80, 4-unit
+        # forward and 16-unit backward tiles 28-32 B on sm_90 (triton 3.9).
+        budget //= 4
     slice_bytes = 4 * block_h * padded(H) * element_size(dtype)
     staged = (2 if backward else 1) * block_b * padded(H) * element_size(dtype)
     return slice_bytes <= budget and (shared_limit is None or slice_bytes + staged <= shared_limit)
@@ -153,8 +156,7 @@ def _cooperative_tiles(B: int, H: int, D: int, dtype: torch.dtype, capacity: Opt
     units = [u for u in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if u <= HP]
 
     def tiles(block_b: int) -> tuple[list[int], list[int]]:
-        widest = COOPERATIVE_MAX_BLOCK_H_FP32 if element_size(dtype) > 2 else HP
-        return ([u for u in units if COOPERATIVE_MIN_BLOCK_H <= u <= widest
+        return ([u for u in units if u >= COOPERATIVE_MIN_BLOCK_H
                  and cooperative_tile_fits(H, u, dtype, False, shared_limit, block_b)],
                 [u for u in units if u >= COOPERATIVE_MIN_BLOCK_H_BWD
                  and cooperative_tile_fits(H, u, dtype, True, shared_limit, block_b)])
@@ -241,7 +243,8 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _shared_memory_per_program(device_index: int) -> Optional[int]:
-    return getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
+    """The most shared memory (ROCm: LDS) one program may use; None where the device does not say."""
+    return getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 0) or None
 
 
 def plan_lstm(
@@ -313,15 +316,16 @@ def plan_lstm(
         return LSTMPlan("persistent", 16, HP, HP, PP, PP, warps, warps, **base)
     if path == "cooperative":
         # Where residency is unknowable (the interpreter runs one step per launch), a forced plan takes the
-        # largest tiles within the on-chip budget; on a GPU its grid must fit what can be resident.
+        # smallest tiles within the on-chip budget; on a GPU its grid must fit what can be resident.
         known = capacity is not _no_capacity
         plan = None if proj_size else _cooperative_tiles(B, H, directions, dtype, capacity if known else None, base,
                                                          shared_limit if known else None)
         if plan is None:
             raise PathUnavailable(
-                "the cooperative LSTM path cannot run this problem: it takes no projection, needs the W_hh slice "
-                f"of 16 units within {COOPERATIVE_MAX_TILE_BYTES} bytes on chip"
-                + (", and all of its programs resident at once on the device" if known else "")
+                "the cooperative LSTM path cannot run this problem: it takes no projection, and needs a W_hh slice "
+                "within its on-chip budget (COOPERATIVE_MAX_TILE_BYTES*, a quarter of it for 4- and 8-byte dtypes)"
+                + (", within the device's shared memory, and all of its programs resident at once on the device"
+                   if known else "")
             )
         return plan
     # Stepwise tiles: the largest that compile without spills for sm_80 and sm_90 with triton 3.6 and 3.9 (the
