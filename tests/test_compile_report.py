@@ -57,10 +57,9 @@ def test_dispatchable_on_chip_tiles_do_not_spill(report):
     """The persistent and cooperative kernels keep weights on chip for the whole sequence: a spill there is paid
     every step. Every tile the dispatcher picks by itself (and every tier-1 specialization: the committed
     reports) compiles without one for what torch.nn.LSTM can ask (lengths, projection, saving for backward:
-    any combination). Tiles only a
-    caller can force (larger persistent tiles, the interpreter's cooperative splits) may spill, and so may the
-    largest cooperative tiles with the options beyond torch all on at once (resets, recurrent dropout, cell-state
-    gradients: a few dozen bytes, listed in benchmarks/NOTES.md)."""
+    any combination). Tiles only a caller can force (larger persistent tiles, the interpreter's cooperative
+    splits) may spill, and so may the largest cooperative tiles with the options beyond torch all on at once
+    (resets, recurrent dropout, cell-state gradients: a few dozen bytes, listed in benchmarks/NOTES.md)."""
     spilling = [r for r in report if r["ok"] and r["path"] in ("persistent", "cooperative")
                 and (r["problem"].get("auto") or r["tier1"]) and r["spill_bytes"]
                 and not any(r["switches"].get(k) for k in TORCH_CONTRACT_OFF)]

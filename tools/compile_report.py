@@ -80,7 +80,8 @@ DEFAULT_TARGETS = tuple(TARGETS)
 SWEEP_H_FINE = 64
 SWEEP_B = (1, 16, 17, 256)
 TARGET_DEVICE = {"sm_90": "H100/H200", "sm_80": "A100"}
-DEVICES = {device: ({"sm_90": 132, "sm_80": 108}[target], TARGETS[target][3]) for target, device in TARGET_DEVICE.items()}
+RESIDENT_PROGRAMS = {"sm_90": 132, "sm_80": 108}  # one program per SM
+DEVICES = {device: (RESIDENT_PROGRAMS[target], TARGETS[target][3]) for target, device in TARGET_DEVICE.items()}
 # AMD targets: the report models no AMD device (nothing has run on ROCm), so every plan compiles for them.
 SWEEP_T = 2  # two steps: a single step is the fused path; more steps add nothing to a specialization
 ON_CHIP_PATHS = ("persistent", "cooperative")  # paths that keep weights on chip for the whole sequence
@@ -524,6 +525,12 @@ def _dot_lowering(code: str, has_dot: bool) -> str:
     return "fma" if has_dot else "-"
 
 
+def _tiles_and_flags(switches: dict) -> tuple[str, dict]:
+    """A specialization's tile sizes as "B16/H8/K1024" and its boolean switches."""
+    tiles = "/".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in switches.items() if k.startswith("BLOCK_"))
+    return tiles, {k: v for k, v in switches.items() if isinstance(v, bool)}
+
+
 def compile_one(job) -> dict:
     """Compile one specialization (job = (launch as dict, target name, tier-1 labels)); errors go in the result."""
     launch_dict, target_name, tier1 = job
@@ -532,9 +539,7 @@ def compile_one(job) -> dict:
     import triton
     from triton.compiler import ASTSource
 
-    switches = _switches(launch, target_name)
-    tiles = "/".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in switches.items() if k.startswith("BLOCK_"))
-    flags = {k: v for k, v in switches.items() if isinstance(v, bool)}
+    tiles, flags = _tiles_and_flags(_switches(launch, target_name))
     res = CompileResult(kernel=launch.kernel.strip("_").removesuffix("_kernel"), path=launch.plan["path"],
                         target=target_name, triton_version=triton.__version__, dtype=launch.mode, tiles=tiles,
                         switches=flags, num_warps=launch.kwargs.get("num_warps", 4), ok=False,
@@ -598,16 +603,15 @@ def died_result(job, stderr_tail: str) -> dict:
     launch_dict, target_name, tier1 = job
     launch = Launch(**launch_dict)
     try:
-        switches = _switches(launch, target_name)
+        tiles, flags = _tiles_and_flags(_switches(launch, target_name))
     except Exception:  # noqa: BLE001 - the entry must still be written
-        switches = {}
-    tiles = "/".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in switches.items() if k.startswith("BLOCK_"))
+        tiles, flags = "?", {}
     return asdict(CompileResult(
         kernel=launch.kernel.strip("_").removesuffix("_kernel"), path=launch.plan["path"], target=target_name,
-        triton_version=_triton_version(), dtype=launch.mode, tiles=tiles or "?",
-        switches={k: v for k, v in switches.items() if isinstance(v, bool)},
-        num_warps=launch.kwargs.get("num_warps", 4), ok=False, error=f"the compiler aborted the process:\n{stderr_tail}",
-        shared_limit=TARGETS[target_name][3], tier1=list(tier1), problem=launch.problem, features=launch.features))
+        triton_version=_triton_version(), dtype=launch.mode, tiles=tiles, switches=flags,
+        num_warps=launch.kwargs.get("num_warps", 4), ok=False,
+        error=f"the compiler aborted the process:\n{stderr_tail}", shared_limit=TARGETS[target_name][3],
+        tier1=list(tier1), problem=launch.problem, features=launch.features))
 
 
 def _triton_version() -> str:

@@ -130,9 +130,9 @@ def cooperative_tile_fits(H: int, block_h: int, dtype: torch.dtype, backward: bo
     an upper estimate (compiled: 72 KB at bf16 HP = 1024 where this counts 96)."""
     budget = COOPERATIVE_MAX_TILE_BYTES_BWD if backward else COOPERATIVE_MAX_TILE_BYTES
     if element_size(dtype) > 2:
-        # float32 (tf32) and float64: a quarter, which keeps float32's cooperative tiles to HP ≤ 128. Beyond, they spill: a few
-        # dozen bytes at HP = 512 on sm_80 (triton 3.6); at HP = 256 8-unit forward tiles 8 B on sm_80, 4-unit
-        # forward and 16-unit backward tiles 28-32 B on sm_90 (triton 3.9).
+        # float32 (tf32) and float64: a quarter, which keeps float32's cooperative tiles to HP ≤ 128. Beyond,
+        # they spill: a few dozen bytes at HP = 512 on sm_80 (triton 3.6); at HP = 256 8-unit forward tiles 8 B
+        # on sm_80, 4-unit forward and 16-unit backward tiles 28-32 B on sm_90 (triton 3.9).
         budget //= 4
     slice_bytes = 4 * block_h * padded(H) * element_size(dtype)
     staged = (2 if backward else 1) * block_b * padded(H) * element_size(dtype)
